@@ -1,0 +1,276 @@
+//! Running a mount: validation, detaching, readiness, signals and unmount.
+//!
+//! The contract callers such as containers/storage rely on: the started process exits 0 only
+//! once the mount answers requests; on failure it prints one line and exits non-zero with
+//! nothing mounted; the daemon that keeps serving holds none of the caller's stdio open.
+
+use std::fmt::Display;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::{fork, ForkResult};
+
+use crate::fuse::StrataFuse;
+use crate::layers::LayerStack;
+use crate::options::MountConfig;
+use crate::overlay::Overlay;
+
+/// FUSE worker threads, each with its own device descriptor.
+const WORKER_THREADS: usize = 4;
+
+/// Prints one error line and returns the failure exit code.
+pub fn fail(e: &dyn Display) -> ExitCode {
+    eprintln!("stratafs: {e}");
+    ExitCode::FAILURE
+}
+
+/// Validates `cfg`, mounts, and serves until unmounted.
+pub fn run(cfg: MountConfig) -> ExitCode {
+    for opt in &cfg.unknown {
+        eprintln!("stratafs: warning: unknown option ignored: {opt}");
+    }
+    if let Err(e) = check_mountpoint(&cfg.mountpoint) {
+        return fail(&e);
+    }
+    let stack = match LayerStack::open(&cfg) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if cfg.debug {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("debug")),
+            )
+            .init();
+    }
+    if cfg.foreground {
+        return match serve(&cfg, stack, None) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
+    // Fork before any thread exists; the parent waits for the child's word on the pipe.
+    let (rd, wr) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(&format!("cannot create pipe: {e}")),
+    };
+    // SAFETY: the process is single-threaded here, so the child may run arbitrary code.
+    match unsafe { fork() } {
+        Err(e) => fail(&format!("cannot fork: {e}")),
+        Ok(ForkResult::Parent { .. }) => {
+            drop(wr);
+            // One line: "ok", or the reason the mount failed. EOF means the child died.
+            let mut msg = String::new();
+            let _ = BufReader::new(File::from(rd)).read_line(&mut msg);
+            match msg.strip_prefix("ok") {
+                Some(_) => ExitCode::SUCCESS,
+                None if msg.trim().is_empty() => fail(&"daemon exited before the mount was ready"),
+                None => fail(&msg.trim()),
+            }
+        }
+        Ok(ForkResult::Child) => {
+            drop(rd);
+            let _ = nix::unistd::setsid();
+            let _ = std::env::set_current_dir("/");
+            let mut notify = File::from(wr);
+            match serve(&cfg, stack, Some(&mut notify)) {
+                Ok(()) => std::process::exit(0),
+                Err(e) => {
+                    let _ = notify.write_all(format!("{e}\n").as_bytes());
+                    std::process::exit(1)
+                }
+            }
+        }
+    }
+}
+
+fn check_mountpoint(p: &Path) -> Result<(), String> {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("mountpoint {}: is not a directory", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(format!("mountpoint {}: does not exist", p.display()))
+        }
+        Err(e) => Err(format!("mountpoint {}: {e}", p.display())),
+    }
+}
+
+fn fuse_config(cfg: &MountConfig, writable: bool) -> Config {
+    let f = &cfg.fuse;
+    let fsname = f
+        .fsname
+        .clone()
+        .or_else(|| {
+            cfg.source
+                .as_ref()
+                .map(|s| s.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "stratafs".to_string());
+    let mut opts = vec![
+        MountOption::FSName(fsname),
+        MountOption::CUSTOM("subtype=stratafs".to_string()),
+        // The kernel checks permissions against our attributes, as overlayfs does.
+        MountOption::DefaultPermissions,
+    ];
+    if f.read_only || !writable {
+        opts.push(MountOption::RO);
+    }
+    let flag =
+        |v: Option<bool>, on: MountOption, off: MountOption| v.map(|b| if b { on } else { off });
+    opts.extend(flag(f.suid, MountOption::Suid, MountOption::NoSuid));
+    opts.extend(flag(f.dev, MountOption::Dev, MountOption::NoDev));
+    opts.extend(flag(f.exec, MountOption::Exec, MountOption::NoExec));
+    opts.extend(flag(f.atime, MountOption::Atime, MountOption::NoAtime));
+    let mut config = Config::default();
+    config.mount_options = opts;
+    config.acl = if f.allow_other {
+        SessionACL::All
+    } else if f.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(WORKER_THREADS);
+    config.clone_fd = true;
+    config
+}
+
+/// Mounts and serves. With `notify`, reports readiness there (after detaching stdio).
+fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Result<(), String> {
+    // Termination signals are taken by one thread with sigwait; block them before any other
+    // thread exists so that every thread inherits the mask.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals
+        .thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+    // Layers may hold many directories; use every descriptor we are allowed.
+    raise_nofile_limit();
+
+    let writable = stack.upper().is_some();
+    let ov = Arc::new(Overlay::new(stack).map_err(|e| {
+        format!(
+            "cannot read the layers: {}",
+            std::io::Error::from_raw_os_error(e)
+        )
+    })?);
+    let mountpoint = std::fs::canonicalize(&cfg.mountpoint)
+        .map_err(|e| format!("mountpoint {}: {e}", cfg.mountpoint.display()))?;
+    let session = Session::new(
+        StrataFuse::new(ov, cfg.fuse.max_write),
+        &mountpoint,
+        &fuse_config(cfg, writable),
+    )
+    .map_err(|e| format!("cannot mount on {}: {}", mountpoint.display(), one_line(&e)))?;
+
+    {
+        let mnt = mountpoint.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if signals.wait().is_ok() {
+                    let _ = unmount(&mnt);
+                }
+            })
+            .map_err(|e| format!("cannot start signal thread: {e}"))?;
+    }
+
+    let ready_fd = notify.map(|f| f.try_clone().expect("dup of pipe descriptor"));
+    {
+        let mnt = mountpoint.clone();
+        std::thread::Builder::new()
+            .name("ready".into())
+            .spawn(move || announce_ready(&mnt, ready_fd))
+            .map_err(|e| format!("cannot start readiness thread: {e}"))?;
+    }
+
+    session
+        .run()
+        .map_err(|e| format!("serving {} failed: {}", mountpoint.display(), one_line(&e)))
+}
+
+/// Waits until the mount answers a request, then detaches from the caller's stdio and says
+/// "ok" on the notify pipe.
+fn announce_ready(mnt: &Path, notify: Option<File>) {
+    let answered = nix::sys::statvfs::statvfs(mnt);
+    let Some(mut notify) = notify else {
+        return;
+    };
+    match answered {
+        Ok(_) => {
+            detach_stdio();
+            let _ = notify.write_all(b"ok\n");
+        }
+        Err(e) => {
+            let msg = format!("mount on {} does not answer: {e}\n", mnt.display());
+            let _ = notify.write_all(msg.as_bytes());
+            let _ = unmount(mnt);
+        }
+    }
+}
+
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let null: OwnedFd = null.into();
+        for target in 0..=2 {
+            // SAFETY: dup2 onto the standard descriptors, which we own.
+            unsafe { libc::dup2(null.as_raw_fd(), target) };
+        }
+    }
+}
+
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain get/set of our own limit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn one_line(e: &dyn Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+/// Detaches the mount at `mnt`: directly when we may, else through `fusermount3 -u -z`.
+pub fn unmount(mnt: &Path) -> Result<(), String> {
+    match nix::mount::umount2(mnt, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EPERM) => {
+            let status = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(mnt)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map_err(|e| format!("cannot run fusermount3: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("fusermount3 -u {} failed: {status}", mnt.display()))
+            }
+        }
+        Err(e) => Err(format!("cannot unmount {}: {e}", mnt.display())),
+    }
+}

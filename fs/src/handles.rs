@@ -1,0 +1,45 @@
+//! Open file and directory handles: what a FUSE `fh` stands for.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::dirmerge::DirEntry;
+
+/// An open handle.
+#[derive(Debug)]
+pub enum Handle {
+    /// A regular file open in some layer.
+    File(File),
+    /// A snapshot of a merged directory listing; offsets index into it, so `telldir` and
+    /// `seekdir` stay valid for the life of the handle.
+    Dir(Arc<[DirEntry]>),
+}
+
+/// All open handles, by number.
+#[derive(Debug, Default)]
+pub struct HandleTable {
+    next: AtomicU64,
+    map: DashMap<u64, Arc<Handle>>,
+}
+
+impl HandleTable {
+    /// Stores a handle and returns its number.
+    pub fn insert(&self, h: Handle) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.map.insert(fh, Arc::new(h));
+        fh
+    }
+
+    /// The handle numbered `fh`.
+    pub fn get(&self, fh: u64) -> Option<Arc<Handle>> {
+        self.map.get(&fh).map(|h| h.clone())
+    }
+
+    /// Drops the handle numbered `fh`.
+    pub fn remove(&self, fh: u64) {
+        self.map.remove(&fh);
+    }
+}

@@ -1,0 +1,213 @@
+//! The inode table: our inode numbers, the nodes the kernel holds, and their lookup counts.
+//!
+//! Inode numbers are derived from the real object's identity, `(layer device, st_ino)`, the
+//! way kernel overlayfs's `xino` does: the device gets a small slot number that goes in the top
+//! 16 bits. So a number is the same every time a file is looked up (even after the kernel
+//! forgot it and we dropped the node), hard links inside a layer share one number, and a
+//! later copy-up can keep the number by remembering the origin's identity.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use parking_lot::RwLock;
+
+/// FUSE's fixed inode number of the mount root.
+pub const ROOT_INO: u64 = 1;
+
+const SLOT_SHIFT: u32 = 48;
+const LOW_MASK: u64 = (1 << SLOT_SHIFT) - 1;
+/// Numbers for real inode numbers too large to share a word with a slot start here.
+const OVERFLOW_BASE: u64 = 0xFFFF << SLOT_SHIFT;
+
+/// Maps real identities to our inode numbers.
+#[derive(Debug, Default)]
+pub struct InoMapper {
+    slots: RwLock<Vec<u64>>,
+    overflow: DashMap<(u64, u64), u64>,
+    next_overflow: AtomicU64,
+}
+
+impl InoMapper {
+    /// Our inode number for the object `(dev, ino)`.
+    pub fn ino(&self, dev: u64, ino: u64) -> u64 {
+        let slot = self.slot(dev);
+        if ino <= LOW_MASK && slot < 0xFFFE {
+            return ((slot + 1) << SLOT_SHIFT) | ino;
+        }
+        *self
+            .overflow
+            .entry((dev, ino))
+            .or_insert_with(|| OVERFLOW_BASE + self.next_overflow.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn slot(&self, dev: u64) -> u64 {
+        if let Some(i) = self.slots.read().iter().position(|&d| d == dev) {
+            return i as u64;
+        }
+        let mut slots = self.slots.write();
+        if let Some(i) = slots.iter().position(|&d| d == dev) {
+            return i as u64;
+        }
+        slots.push(dev);
+        (slots.len() - 1) as u64
+    }
+}
+
+/// One layer's copy of a merged directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirLayer {
+    /// Layer index (0 is the top).
+    pub layer: u16,
+    /// Whether this copy holds xattr-form whiteouts that listings must check.
+    pub xattr_whiteouts: bool,
+}
+
+/// Where a node's object lives. Mutable because copy-up and rename move objects.
+#[derive(Debug, Clone)]
+pub struct Location {
+    /// Path relative to the layer roots, without leading slash; empty for the root.
+    pub path: Box<[u8]>,
+    /// The layer holding the object (for a directory, its topmost copy).
+    pub layer: u16,
+    /// For directories: every layer's copy that merges into it, top first, ending at the
+    /// first opaque one.
+    pub dir: Option<Box<[DirLayer]>>,
+}
+
+impl Location {
+    /// The parent path and the final name; the root has neither.
+    pub fn split(&self) -> (&[u8], &[u8]) {
+        match self.path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&self.path[..i], &self.path[i + 1..]),
+            None => (&[], &self.path),
+        }
+    }
+
+    /// Whether more than one layer contributes to this directory.
+    pub fn is_merged_dir(&self) -> bool {
+        self.dir.as_ref().is_some_and(|d| d.len() > 1)
+    }
+}
+
+/// An object the kernel knows by inode number.
+#[derive(Debug)]
+pub struct Node {
+    /// Our inode number.
+    pub ino: u64,
+    /// File type bits (`S_IFMT` part of the mode).
+    pub kind: u32,
+    lookups: AtomicU64,
+    /// Where it lives.
+    pub loc: RwLock<Location>,
+}
+
+impl Node {
+    /// A node with no lookups yet.
+    pub fn new(ino: u64, kind: u32, loc: Location) -> Node {
+        Node {
+            ino,
+            kind,
+            lookups: AtomicU64::new(0),
+            loc: RwLock::new(loc),
+        }
+    }
+
+    /// Whether this node is a directory.
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+}
+
+/// All nodes the kernel currently holds a reference to, by inode number.
+#[derive(Debug, Default)]
+pub struct NodeTable {
+    nodes: DashMap<u64, Arc<Node>>,
+}
+
+impl NodeTable {
+    /// Inserts the root node, which is never forgotten.
+    pub fn insert_root(&self, node: Node) {
+        self.nodes.insert(ROOT_INO, Arc::new(node));
+    }
+
+    /// The node with inode number `ino`, if the kernel holds it.
+    pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
+        self.nodes.get(&ino).map(|n| n.clone())
+    }
+
+    /// Returns the node for `ino`, creating it with `make` if absent, and counts one lookup.
+    /// Both happen under the shard lock so that a racing `forget` cannot drop the node
+    /// between them.
+    pub fn lookup(&self, ino: u64, make: impl FnOnce() -> Node) -> Arc<Node> {
+        match self.nodes.entry(ino) {
+            Entry::Occupied(e) => {
+                e.get().lookups.fetch_add(1, Ordering::Relaxed);
+                e.get().clone()
+            }
+            Entry::Vacant(e) => {
+                let node = Arc::new(make());
+                node.lookups.store(1, Ordering::Relaxed);
+                e.insert(node.clone());
+                node
+            }
+        }
+    }
+
+    /// Drops `n` lookups of `ino`; the node goes away when none remain.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        if let Entry::Occupied(e) = self.nodes.entry(ino) {
+            let prev = e.get().lookups.fetch_sub(n, Ordering::Relaxed);
+            if prev <= n {
+                e.remove();
+            }
+        }
+    }
+
+    /// Number of nodes held (for tests and memory accounting).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether no node is held.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_stable_and_distinct_per_device() {
+        let m = InoMapper::default();
+        let a = m.ino(10, 5);
+        assert_eq!(a, m.ino(10, 5));
+        assert_ne!(a, m.ino(11, 5));
+        assert_ne!(a, ROOT_INO);
+        let big = m.ino(10, u64::MAX - 3);
+        assert_eq!(big, m.ino(10, u64::MAX - 3));
+        assert_ne!(big, m.ino(10, u64::MAX - 4));
+    }
+
+    #[test]
+    fn forget_drops_after_last_lookup() {
+        let t = NodeTable::default();
+        let loc = Location {
+            path: Box::from(&b"a"[..]),
+            layer: 0,
+            dir: None,
+        };
+        t.lookup(7, || Node::new(7, libc::S_IFREG, loc.clone()));
+        t.lookup(7, || unreachable!());
+        t.forget(7, 1);
+        assert!(t.get(7).is_some());
+        t.forget(7, 1);
+        assert!(t.get(7).is_none());
+    }
+}

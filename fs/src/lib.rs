@@ -1,0 +1,17 @@
+//! `strata-fs`: a union filesystem with kernel overlayfs semantics, served over FUSE.
+//!
+//! The overlay rules live in [`overlay::Overlay`], which reads like the semantics it
+//! implements and knows nothing of FUSE; [`fuse::StrataFuse`] is the thin adapter, and
+//! [`daemon`] runs a mount the way fuse-overlayfs's callers expect.
+
+pub mod daemon;
+pub mod dirmerge;
+pub mod fdcache;
+pub mod fuse;
+pub mod handles;
+pub mod inode;
+pub mod layers;
+pub mod options;
+pub mod overlay;
+pub mod sys;
+pub mod whiteout;

@@ -1,0 +1,382 @@
+//! The overlay itself: lookup through the layers, merged directories, attributes, reads and
+//! xattrs. It knows nothing about FUSE; [`crate::fuse`] translates requests into these calls.
+//! Errors are `errno` values, which is what every caller ends up answering.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use crate::dirmerge::{self, DirEntry};
+use crate::fdcache::DirFdCache;
+use crate::handles::{Handle, HandleTable};
+use crate::inode::{DirLayer, InoMapper, Location, Node, NodeTable, ROOT_INO};
+use crate::layers::LayerStack;
+use crate::sys;
+use crate::whiteout;
+
+/// Result of an overlay operation: a value or an `errno`.
+pub type OvlResult<T> = Result<T, i32>;
+
+/// Directory descriptors kept open at most; the rest are reopened on demand.
+const DIR_FD_CACHE: usize = 1024;
+
+/// Attributes as the mount reports them: the real object's, with our inode number and the
+/// overlay's link count rules applied.
+#[derive(Debug, Clone, Copy)]
+pub struct Attr {
+    /// The adjusted `stat`.
+    pub st: libc::stat,
+}
+
+/// A merged view over a [`LayerStack`].
+#[derive(Debug)]
+pub struct Overlay {
+    stack: LayerStack,
+    nodes: NodeTable,
+    inos: InoMapper,
+    dirfds: DirFdCache,
+    handles: HandleTable,
+}
+
+impl Overlay {
+    /// Builds the overlay and its root node.
+    pub fn new(stack: LayerStack) -> OvlResult<Overlay> {
+        let ov = Overlay {
+            stack,
+            nodes: NodeTable::default(),
+            inos: InoMapper::default(),
+            dirfds: DirFdCache::new(DIR_FD_CACHE),
+            handles: HandleTable::default(),
+        };
+        let mut dirs = Vec::new();
+        for (i, layer) in ov.stack.layers().iter().enumerate() {
+            let marks = whiteout::dir_marks(layer.fd());
+            dirs.push(DirLayer {
+                layer: i as u16,
+                xattr_whiteouts: marks.xattr_whiteouts,
+            });
+            if marks.opaque {
+                break;
+            }
+        }
+        ov.nodes.insert_root(Node::new(
+            ROOT_INO,
+            libc::S_IFDIR,
+            Location {
+                path: Box::default(),
+                layer: 0,
+                dir: Some(dirs.into()),
+            },
+        ));
+        Ok(ov)
+    }
+
+    /// The layers.
+    pub fn stack(&self) -> &LayerStack {
+        &self.stack
+    }
+
+    /// Number of inodes the kernel currently holds.
+    pub fn cached_inodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn node(&self, ino: u64) -> OvlResult<Arc<Node>> {
+        self.nodes.get(ino).ok_or(libc::ESTALE)
+    }
+
+    /// Descriptor of `layer`'s copy of directory `path`, from the cache or opened confined to
+    /// the layer.
+    fn layer_dir(&self, layer: u16, path: &[u8]) -> OvlResult<Arc<OwnedFd>> {
+        self.dirfds.get_or_open(layer, path, || {
+            let root = self.stack.get(layer).fd();
+            if path.is_empty() {
+                sys::dup(root)
+            } else {
+                sys::open_beneath(root, &sys::cstring(path)?, libc::O_PATH | libc::O_DIRECTORY)
+            }
+        })
+    }
+
+    fn attr(&self, mut st: libc::stat, ino: u64, merged_dir: bool) -> Attr {
+        st.st_ino = ino;
+        // Like the kernel: a merged directory's link count cannot be known without counting
+        // subdirectories in every layer, so it reports 1 ("unknown") as find(1) expects.
+        if merged_dir {
+            st.st_nlink = 1;
+        }
+        Attr { st }
+    }
+
+    /// Looks `name` up in directory `parent` and counts one kernel reference to the result.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> OvlResult<Attr> {
+        let name = name.as_bytes();
+        if name.len() > 255 {
+            return Err(libc::ENAMETOOLONG);
+        }
+        if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
+            return Err(libc::EINVAL);
+        }
+        if whiteout::is_marker_name(name) {
+            return Err(libc::ENOENT);
+        }
+        let pnode = self.node(parent)?;
+        let ploc = pnode.loc.read().clone();
+        let dirs = ploc.dir.as_ref().ok_or(libc::ENOTDIR)?;
+        let cname = sys::cstring(name)?;
+        let child_path = join(&ploc.path, name);
+
+        let mut top: Option<(u16, libc::stat)> = None;
+        let mut merged: Vec<DirLayer> = Vec::new();
+        for dl in dirs.iter() {
+            let dfd = match self.layer_dir(dl.layer, &ploc.path) {
+                Ok(fd) => fd,
+                Err(libc::ENOENT) | Err(libc::ENOTDIR) => continue,
+                Err(e) => return Err(e),
+            };
+            let dir = dfd.as_fd();
+            match sys::stat_at(dir, &cname) {
+                Ok(st) => {
+                    if whiteout::is_chardev_whiteout(&st)
+                        || (dl.xattr_whiteouts
+                            && whiteout::may_be_xattr_whiteout(&st)
+                            && whiteout::has_whiteout_xattr(dir, &cname))
+                    {
+                        break;
+                    }
+                    if top.is_none() {
+                        top = Some((dl.layer, st));
+                    }
+                    if (st.st_mode & libc::S_IFMT) != libc::S_IFDIR {
+                        // A non-directory ends the stack: nothing below shows through.
+                        break;
+                    }
+                    let cfd = self.layer_dir(dl.layer, &child_path)?;
+                    let marks = whiteout::dir_marks(cfd.as_fd());
+                    merged.push(DirLayer {
+                        layer: dl.layer,
+                        xattr_whiteouts: marks.xattr_whiteouts,
+                    });
+                    if marks.opaque {
+                        break;
+                    }
+                }
+                Err(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+            // A `.wh.NAME` hides the name in the layers below this one, not in this one.
+            if whiteout::has_oci_whiteout(dir, name) {
+                break;
+            }
+        }
+        let (layer, st) = top.ok_or(libc::ENOENT)?;
+        let kind = st.st_mode & libc::S_IFMT;
+        let ino = self.inos.ino(st.st_dev, st.st_ino);
+        let is_dir = kind == libc::S_IFDIR;
+        let merged_dir = merged.len() > 1;
+        self.nodes.lookup(ino, || {
+            Node::new(
+                ino,
+                kind,
+                Location {
+                    path: child_path,
+                    layer,
+                    dir: is_dir.then(|| merged.into()),
+                },
+            )
+        });
+        Ok(self.attr(st, ino, merged_dir))
+    }
+
+    /// Drops `n` kernel references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.nodes.forget(ino, n);
+    }
+
+    fn stat_loc(&self, loc: &Location) -> OvlResult<libc::stat> {
+        if loc.dir.is_some() {
+            sys::stat_fd(self.layer_dir(loc.layer, &loc.path)?.as_fd())
+        } else {
+            let (parent, name) = loc.split();
+            let dfd = self.layer_dir(loc.layer, parent)?;
+            sys::stat_at(dfd.as_fd(), &sys::cstring(name)?)
+        }
+    }
+
+    /// Current attributes of `ino`.
+    pub fn getattr(&self, ino: u64) -> OvlResult<Attr> {
+        let node = self.node(ino)?;
+        let loc = node.loc.read().clone();
+        let st = self.stat_loc(&loc)?;
+        Ok(self.attr(st, ino, loc.is_merged_dir()))
+    }
+
+    /// Target of symlink `ino`.
+    pub fn readlink(&self, ino: u64) -> OvlResult<Vec<u8>> {
+        let node = self.node(ino)?;
+        if node.kind != libc::S_IFLNK {
+            return Err(libc::EINVAL);
+        }
+        let loc = node.loc.read().clone();
+        let (parent, name) = loc.split();
+        let dfd = self.layer_dir(loc.layer, parent)?;
+        sys::readlink_at(dfd.as_fd(), &sys::cstring(name)?)
+    }
+
+    /// A descriptor on the object itself (`O_PATH` unless `flags` asks for more).
+    fn open_object(&self, loc: &Location, flags: i32) -> OvlResult<OwnedFd> {
+        if loc.dir.is_some() && flags == libc::O_PATH {
+            let fd = self.layer_dir(loc.layer, &loc.path)?;
+            return sys::dup(fd.as_fd());
+        }
+        let (parent, name) = loc.split();
+        let dfd = self.layer_dir(loc.layer, parent)?;
+        sys::open_child(dfd.as_fd(), &sys::cstring(name)?, flags)
+    }
+
+    /// Opens file `ino`; returns the handle number.
+    pub fn open(&self, ino: u64, flags: i32) -> OvlResult<u64> {
+        let accmode = flags & libc::O_ACCMODE;
+        if accmode != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            // Writes arrive with the copy-up path; until then the mount is read-only.
+            return Err(libc::EROFS);
+        }
+        let node = self.node(ino)?;
+        if node.is_dir() {
+            return Err(libc::EISDIR);
+        }
+        let loc = node.loc.read().clone();
+        let keep = flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_NOATIME);
+        let fd = self.open_object(&loc, libc::O_RDONLY | keep)?;
+        Ok(self.handles.insert(Handle::File(File::from(fd))))
+    }
+
+    /// Reads up to `size` bytes at `offset` from open file `fh`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> OvlResult<Vec<u8>> {
+        let h = self.handles.get(fh).ok_or(libc::EBADF)?;
+        let Handle::File(file) = h.as_ref() else {
+            return Err(libc::EISDIR);
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0usize;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Closes handle `fh` (file or directory).
+    pub fn release(&self, fh: u64) {
+        self.handles.remove(fh);
+    }
+
+    /// Opens directory `ino`: builds its merged listing once, so that offsets stay valid.
+    pub fn opendir(&self, ino: u64) -> OvlResult<u64> {
+        let node = self.node(ino)?;
+        let loc = node.loc.read().clone();
+        let dirs = loc.dir.as_ref().ok_or(libc::ENOTDIR)?;
+        let mut entries = Vec::with_capacity(2);
+        let parent_ino = if ino == ROOT_INO {
+            ROOT_INO
+        } else {
+            self.parent_ino(&loc).unwrap_or(ino)
+        };
+        entries.push(DirEntry {
+            name: Box::from(&b"."[..]),
+            ino,
+            kind: libc::S_IFDIR,
+        });
+        entries.push(DirEntry {
+            name: Box::from(&b".."[..]),
+            ino: parent_ino,
+            kind: libc::S_IFDIR,
+        });
+        let merged = dirmerge::merge(
+            dirs,
+            |layer| Ok((self.layer_dir(layer, &loc.path)?, self.stack.get(layer).dev)),
+            &self.inos,
+        )?;
+        entries.extend(merged);
+        Ok(self.handles.insert(Handle::Dir(entries.into())))
+    }
+
+    fn parent_ino(&self, loc: &Location) -> OvlResult<u64> {
+        let (parent, _) = loc.split();
+        if parent.is_empty() {
+            return Ok(ROOT_INO);
+        }
+        let st = sys::stat_fd(self.layer_dir(loc.layer, parent)?.as_fd())?;
+        Ok(self.inos.ino(st.st_dev, st.st_ino))
+    }
+
+    /// The listing behind directory handle `fh`.
+    pub fn dir_entries(&self, fh: u64) -> OvlResult<Arc<[DirEntry]>> {
+        match self.handles.get(fh).as_deref() {
+            Some(Handle::Dir(entries)) => Ok(entries.clone()),
+            Some(Handle::File(_)) => Err(libc::ENOTDIR),
+            None => Err(libc::EBADF),
+        }
+    }
+
+    /// Filesystem statistics: those of the top layer, which receives new data.
+    pub fn statfs(&self) -> OvlResult<libc::statvfs> {
+        sys::statfs_fd(self.stack.get(0).fd())
+    }
+
+    /// Value of xattr `name` of `ino`; the overlay's own xattrs do not exist for users.
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> OvlResult<Vec<u8>> {
+        if whiteout::is_private_xattr(name.as_bytes()) {
+            return Err(libc::ENODATA);
+        }
+        let node = self.node(ino)?;
+        let loc = node.loc.read().clone();
+        let fd = self.open_object(&loc, libc::O_PATH)?;
+        sys::get_xattr(fd.as_fd(), &sys::os_cstring(name)?)
+    }
+
+    /// Names of the xattrs of `ino` (NUL-separated), without the overlay's own.
+    pub fn listxattr(&self, ino: u64) -> OvlResult<Vec<u8>> {
+        let node = self.node(ino)?;
+        let loc = node.loc.read().clone();
+        let fd = self.open_object(&loc, libc::O_PATH)?;
+        let raw = sys::list_xattr(fd.as_fd())?;
+        let mut out = Vec::with_capacity(raw.len());
+        for n in raw.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if !whiteout::is_private_xattr(n) {
+                out.extend_from_slice(n);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Permission check for `access(2)` when the kernel asks (it does not with
+    /// `default_permissions`, which the mount always uses): existence, and no writes.
+    pub fn access(&self, ino: u64, mask: i32) -> OvlResult<()> {
+        self.node(ino)?;
+        if mask & libc::W_OK != 0 {
+            return Err(libc::EROFS);
+        }
+        Ok(())
+    }
+}
+
+fn join(parent: &[u8], name: &[u8]) -> Box<[u8]> {
+    if parent.is_empty() {
+        return Box::from(name);
+    }
+    let mut v = Vec::with_capacity(parent.len() + 1 + name.len());
+    v.extend_from_slice(parent);
+    v.push(b'/');
+    v.extend_from_slice(name);
+    v.into()
+}
