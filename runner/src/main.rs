@@ -1,19 +1,33 @@
 //! `strata`: runs one namespaced process on top of a stratafs layer stack.
 //!
-//! Only the command surface exists so far; the runner itself lands with its own issue.
+//! The container runner lands with its own issue; today the binary offers `strata demo`,
+//! which builds a small layer stack, mounts it with `stratafs` and shows the merged view.
 
-use clap::Parser;
+mod demo;
+
+use clap::{Parser, Subcommand};
 
 /// Command line of the `strata` runner.
 #[derive(Parser, Debug)]
-#[command(
-    name = "strata",
-    version,
-    about = "Run a process on a stack of read-only layers"
-)]
-struct Cli {}
+#[command(name = "strata", version, about = "Layered filesystems as a plain userspace tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("strata run is not implemented yet; use stratafs to mount layers")
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Build a small built-in layer stack, mount it with stratafs and show the merged view.
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Demo => demo::run(),
+    };
+    if let Err(e) = result {
+        eprintln!("strata: {e:#}");
+        std::process::exit(1);
+    }
 }
