@@ -31,12 +31,17 @@ pub fn fail(e: &dyn Display) -> ExitCode {
 }
 
 /// Validates `cfg`, mounts, and serves until unmounted.
-pub fn run(cfg: MountConfig) -> ExitCode {
+pub fn run(mut cfg: MountConfig) -> ExitCode {
     for opt in &cfg.unknown {
         eprintln!("stratafs: warning: unknown option ignored: {opt}");
     }
     if let Err(e) = check_mountpoint(&cfg.mountpoint) {
         return fail(&e);
+    }
+    // The daemon changes to "/", so a relative mountpoint must be resolved first.
+    match std::fs::canonicalize(&cfg.mountpoint) {
+        Ok(p) => cfg.mountpoint = p,
+        Err(e) => return fail(&format!("mountpoint {}: {e}", cfg.mountpoint.display())),
     }
     let stack = match LayerStack::open(&cfg) {
         Ok(s) => s,
@@ -164,8 +169,7 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
             std::io::Error::from_raw_os_error(e)
         )
     })?);
-    let mountpoint = std::fs::canonicalize(&cfg.mountpoint)
-        .map_err(|e| format!("mountpoint {}: {e}", cfg.mountpoint.display()))?;
+    let mountpoint = cfg.mountpoint.clone();
     let session = Session::new(
         StrataFuse::new(ov, cfg.fuse.max_write),
         &mountpoint,
