@@ -19,7 +19,7 @@ use nix::unistd::{fork, ForkResult};
 use crate::fuse::StrataFuse;
 use crate::layers::LayerStack;
 use crate::options::MountConfig;
-use crate::overlay::Overlay;
+use crate::overlay::{Overlay, OverlayOptions};
 
 /// FUSE worker threads, each with its own device descriptor.
 const WORKER_THREADS: usize = 4;
@@ -161,9 +161,15 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
         .map_err(|e| format!("cannot block signals: {e}"))?;
     // Layers may hold many directories; use every descriptor we are allowed.
     raise_nofile_limit();
+    // Modes of new files come from the kernel with the caller's umask already applied.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
 
     let writable = stack.upper().is_some();
-    let ov = Arc::new(Overlay::new(stack).map_err(|e| {
+    let opts = OverlayOptions {
+        read_only: cfg.fuse.read_only,
+        whiteout: None,
+    };
+    let ov = Arc::new(Overlay::new(stack, opts).map_err(|e| {
         format!(
             "cannot read the layers: {}",
             std::io::Error::from_raw_os_error(e)

@@ -6,13 +6,29 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
+use parking_lot::RwLock;
+
 use crate::dirmerge::DirEntry;
+use crate::inode::Node;
+
+/// An open regular file.
+#[derive(Debug)]
+pub struct OpenFile {
+    /// The node it was opened on.
+    pub node: Arc<Node>,
+    /// The layer the descriptor lives in and the descriptor. A read-only descriptor on a lower
+    /// layer is swapped for one on the upper copy once the file is copied up, so readers
+    /// never see stale data.
+    pub file: RwLock<(u16, File)>,
+    /// Whether it was opened for writing (then it always lives in the upper layer).
+    pub writable: bool,
+}
 
 /// An open handle.
 #[derive(Debug)]
 pub enum Handle {
-    /// A regular file open in some layer.
-    File(File),
+    /// A regular file.
+    File(OpenFile),
     /// A snapshot of a merged directory listing; offsets index into it, so `telldir` and
     /// `seekdir` stay valid for the life of the handle.
     Dir(Arc<[DirEntry]>),

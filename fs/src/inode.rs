@@ -30,6 +30,17 @@ pub struct InoMapper {
 }
 
 impl InoMapper {
+    /// A mapper whose first slots go to `devs` in order (the layers' devices, top first), so
+    /// that numbers do not depend on the order in which files are first looked up and stay
+    /// the same across remounts of the same stack.
+    pub fn with_devs(devs: impl IntoIterator<Item = u64>) -> InoMapper {
+        let m = InoMapper::default();
+        for d in devs {
+            m.slot(d);
+        }
+        m
+    }
+
     /// Our inode number for the object `(dev, ino)`.
     pub fn ino(&self, dev: u64, ino: u64) -> u64 {
         let slot = self.slot(dev);
@@ -101,6 +112,8 @@ pub struct Node {
     lookups: AtomicU64,
     /// Where it lives.
     pub loc: RwLock<Location>,
+    /// Serialises copy-up of this node (and changes of its location).
+    pub copy_lock: parking_lot::Mutex<()>,
 }
 
 impl Node {
@@ -111,7 +124,13 @@ impl Node {
             kind,
             lookups: AtomicU64::new(0),
             loc: RwLock::new(loc),
+            copy_lock: parking_lot::Mutex::new(()),
         }
+    }
+
+    /// Counts one more kernel reference (for replies that create an entry, such as mkdir).
+    pub fn add_lookup(&self) {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether this node is a directory.
@@ -165,6 +184,13 @@ impl NodeTable {
             if prev <= n {
                 e.remove();
             }
+        }
+    }
+
+    /// Calls `f` on every held node (for path rewrites after a directory rename).
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<Node>)) {
+        for e in self.nodes.iter() {
+            f(e.value());
         }
     }
 

@@ -14,4 +14,5 @@ pub mod layers;
 pub mod options;
 pub mod overlay;
 pub mod sys;
+pub mod upper;
 pub mod whiteout;

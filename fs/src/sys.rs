@@ -7,7 +7,7 @@
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 /// Result type of the raw calls: the `errno` of the failed call.
@@ -61,6 +61,26 @@ pub fn open_child(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> SysResult<Own
             dir.as_raw_fd(),
             name.as_ptr(),
             flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    };
+    if fd < 0 {
+        Err(last_errno())
+    } else {
+        // SAFETY: fresh descriptor from the kernel.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// Creates (or opens) `name` in `dir` with `O_CREAT` and permission bits `mode`.
+pub fn create_child(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> SysResult<OwnedFd> {
+    debug_assert!(!name.to_bytes().contains(&b'/'));
+    // SAFETY: valid fd and C string.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            mode as libc::c_uint,
         )
     };
     if fd < 0 {
@@ -126,37 +146,31 @@ pub fn statfs_fd(fd: BorrowedFd<'_>) -> SysResult<libc::statvfs> {
     }
 }
 
-/// The `/proc/self/fd/N` path of a descriptor: the way to reach xattrs of an `O_PATH` descriptor,
-/// which the `f*xattr` calls refuse. The magic link names exactly the opened object, so a
-/// symlink opened with `O_PATH | O_NOFOLLOW` is itself the target, never what it points to.
-fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
-    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
+/// The path that reaches object `name` in directory `dir` for the xattr calls, which have no
+/// `*at` form that accepts `O_PATH` descriptors: `/proc/self/fd/N/NAME`, or `/proc/self/fd/N`
+/// for the directory itself. The magic link names exactly our descriptor; the final `NAME` is
+/// a single component that the `l*` calls do not follow.
+fn proc_path(dir: BorrowedFd<'_>, name: &CStr) -> (CString, bool) {
+    let mut p = format!("/proc/self/fd/{}", dir.as_raw_fd()).into_bytes();
+    let follow = name.is_empty();
+    if !follow {
+        p.push(b'/');
+        p.extend_from_slice(name.to_bytes());
+    }
+    (CString::new(p).expect("no NUL"), follow)
 }
 
-/// Reads the value of xattr `name` of the object open at `fd` (any kind of descriptor).
-pub fn get_xattr(fd: BorrowedFd<'_>, name: &CStr) -> SysResult<Vec<u8>> {
-    let path = proc_fd_path(fd);
+fn sized_read(mut call: impl FnMut(*mut libc::c_void, usize) -> isize) -> SysResult<Vec<u8>> {
     let mut buf = vec![0u8; 256];
     loop {
-        // SAFETY: buffer valid for its length; path and name are C strings.
-        let n = unsafe {
-            libc::getxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
+        let n = call(buf.as_mut_ptr().cast(), buf.len());
         if n >= 0 {
             buf.truncate(n as usize);
             return Ok(buf);
         }
         match last_errno() {
             libc::ERANGE => {
-                // SAFETY: size query with a null buffer.
-                let need = unsafe {
-                    libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0)
-                };
+                let need = call(std::ptr::null_mut(), 0);
                 if need < 0 {
                     return Err(last_errno());
                 }
@@ -167,37 +181,172 @@ pub fn get_xattr(fd: BorrowedFd<'_>, name: &CStr) -> SysResult<Vec<u8>> {
     }
 }
 
-/// Whether the object at `fd` has xattr `name` with a value starting with one of `values`.
-pub fn xattr_is(fd: BorrowedFd<'_>, name: &CStr, values: &[&[u8]]) -> bool {
-    match get_xattr(fd, name) {
-        Ok(v) => values.iter().any(|want| v.starts_with(want)),
-        Err(_) => false,
-    }
+/// Reads xattr `xname` of object `name` in `dir` (of `dir` itself when `name` is empty).
+pub fn get_xattr_at(dir: BorrowedFd<'_>, name: &CStr, xname: &CStr) -> SysResult<Vec<u8>> {
+    let (path, follow) = proc_path(dir, name);
+    sized_read(|buf, len| {
+        // SAFETY: valid C strings; buf is valid for len bytes (or null with len 0).
+        unsafe {
+            if follow {
+                libc::getxattr(path.as_ptr(), xname.as_ptr(), buf, len)
+            } else {
+                libc::lgetxattr(path.as_ptr(), xname.as_ptr(), buf, len)
+            }
+        }
+    })
+}
+
+/// Lists the xattr names (NUL-separated) of object `name` in `dir`.
+pub fn list_xattr_at(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<Vec<u8>> {
+    let (path, follow) = proc_path(dir, name);
+    sized_read(|buf, len| {
+        // SAFETY: valid C string; buf is valid for len bytes (or null with len 0).
+        unsafe {
+            if follow {
+                libc::listxattr(path.as_ptr(), buf.cast(), len)
+            } else {
+                libc::llistxattr(path.as_ptr(), buf.cast(), len)
+            }
+        }
+    })
+}
+
+/// Sets xattr `xname` of object `name` in `dir`.
+pub fn set_xattr_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    xname: &CStr,
+    value: &[u8],
+    flags: i32,
+) -> SysResult<()> {
+    let (path, follow) = proc_path(dir, name);
+    let (p, x, v, n) = (
+        path.as_ptr(),
+        xname.as_ptr(),
+        value.as_ptr().cast(),
+        value.len(),
+    );
+    // SAFETY: valid C strings and value buffer.
+    check(unsafe {
+        if follow {
+            libc::setxattr(p, x, v, n, flags)
+        } else {
+            libc::lsetxattr(p, x, v, n, flags)
+        }
+    })
+}
+
+/// Removes xattr `xname` of object `name` in `dir`.
+pub fn remove_xattr_at(dir: BorrowedFd<'_>, name: &CStr, xname: &CStr) -> SysResult<()> {
+    let (path, follow) = proc_path(dir, name);
+    // SAFETY: valid C strings.
+    check(unsafe {
+        if follow {
+            libc::removexattr(path.as_ptr(), xname.as_ptr())
+        } else {
+            libc::lremovexattr(path.as_ptr(), xname.as_ptr())
+        }
+    })
+}
+
+/// Reads xattr `xname` of the object open at `fd` (any kind of descriptor).
+pub fn get_xattr(fd: BorrowedFd<'_>, xname: &CStr) -> SysResult<Vec<u8>> {
+    get_xattr_at(fd, c"", xname)
 }
 
 /// Lists the xattr names of the object open at `fd` as the raw NUL-separated list.
 pub fn list_xattr(fd: BorrowedFd<'_>) -> SysResult<Vec<u8>> {
-    let path = proc_fd_path(fd);
-    let mut buf = vec![0u8; 1024];
-    loop {
-        // SAFETY: buffer valid for its length.
-        let n = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(buf);
-        }
-        match last_errno() {
-            libc::ERANGE => {
-                // SAFETY: size query with a null buffer.
-                let need = unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
-                if need < 0 {
-                    return Err(last_errno());
-                }
-                buf.resize(need as usize + 1, 0);
-            }
-            e => return Err(e),
-        }
+    list_xattr_at(fd, c"")
+}
+
+fn check(r: libc::c_int) -> SysResult<()> {
+    if r < 0 {
+        Err(last_errno())
+    } else {
+        Ok(())
     }
+}
+
+/// `unlinkat(dir, name, flags)`.
+pub fn unlink_at(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> SysResult<()> {
+    // SAFETY: valid fd and C string.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })
+}
+
+/// `mkdirat(dir, name, mode)`.
+pub fn mkdir_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> SysResult<()> {
+    // SAFETY: valid fd and C string.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })
+}
+
+/// `mknodat(dir, name, mode, rdev)`.
+pub fn mknod_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> SysResult<()> {
+    // SAFETY: valid fd and C string.
+    check(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) })
+}
+
+/// `symlinkat(target, dir, name)`.
+pub fn symlink_at(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {
+    // SAFETY: valid fd and C strings.
+    check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })
+}
+
+/// `linkat(odir, oname, ndir, nname, 0)`: never follows a symlink.
+pub fn link_at(
+    odir: BorrowedFd<'_>,
+    oname: &CStr,
+    ndir: BorrowedFd<'_>,
+    nname: &CStr,
+) -> SysResult<()> {
+    let (o, n) = (odir.as_raw_fd(), ndir.as_raw_fd());
+    // SAFETY: valid fds and C strings.
+    check(unsafe { libc::linkat(o, oname.as_ptr(), n, nname.as_ptr(), 0) })
+}
+
+/// `renameat2(odir, oname, ndir, nname, flags)`.
+pub fn rename_at(
+    odir: BorrowedFd<'_>,
+    oname: &CStr,
+    ndir: BorrowedFd<'_>,
+    nname: &CStr,
+    flags: u32,
+) -> SysResult<()> {
+    let (o, n) = (odir.as_raw_fd(), ndir.as_raw_fd());
+    // SAFETY: valid fds and C strings.
+    check(unsafe { libc::renameat2(o, oname.as_ptr(), n, nname.as_ptr(), flags) })
+}
+
+/// `fchownat(dir, name, uid, gid, AT_SYMLINK_NOFOLLOW)`; an empty name changes `dir` itself.
+pub fn chown_at(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> SysResult<()> {
+    let flags = if name.is_empty() {
+        libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH
+    } else {
+        libc::AT_SYMLINK_NOFOLLOW
+    };
+    // SAFETY: valid fd and C string.
+    check(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, flags) })
+}
+
+/// Changes the mode of object `name` in `dir` (never of what a symlink points to).
+pub fn chmod_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> SysResult<()> {
+    let fd = if name.is_empty() {
+        dup(dir)?
+    } else {
+        open_child(dir, name, libc::O_PATH)?
+    };
+    // fchmodat cannot refuse to follow a symlink; the /proc path of an O_PATH descriptor
+    // names exactly the object we opened.
+    let (path, _) = proc_path(fd.as_fd(), c"");
+    // SAFETY: valid C string.
+    check(unsafe { libc::chmod(path.as_ptr(), mode) })
+}
+
+/// `utimensat(dir, name, times, AT_SYMLINK_NOFOLLOW)`; an empty name changes `dir` itself.
+pub fn utimens_at(dir: BorrowedFd<'_>, name: &CStr, times: &[libc::timespec; 2]) -> SysResult<()> {
+    let (path, follow) = proc_path(dir, name);
+    let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
+    // SAFETY: valid C string and times array.
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), flags) })
 }
 
 /// One entry of a raw directory listing.

@@ -10,6 +10,7 @@
 //! Opaque directories (nothing below shows through): xattr `trusted.overlay.opaque=y`,
 //! `user.overlay.opaque=y`, or a `.wh..wh..opq` entry inside.
 
+use std::borrow::Cow;
 use std::ffi::CStr;
 use std::os::fd::BorrowedFd;
 
@@ -36,9 +37,41 @@ pub fn oci_whiteout_name(name: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Whether an xattr name belongs to the overlay and must be hidden from users.
+const PRIVATE_PREFIXES: [&[u8]; 2] = [b"trusted.overlay.", b"user.overlay."];
+
+/// Whether an xattr name, as stored in a layer, belongs to the overlay (its markers and our
+/// own records live under these prefixes) and must be hidden from users.
 pub fn is_private_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
+    PRIVATE_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// The name under which a user's xattr is stored in a layer. As in the kernel (6.7+), a user
+/// may set `trusted.overlay.X` through the mount; it is stored escaped as
+/// `trusted.overlay.overlay.X` so it cannot be taken for a marker.
+pub fn stored_xattr_name(visible: &[u8]) -> Vec<u8> {
+    for p in PRIVATE_PREFIXES {
+        if let Some(rest) = visible.strip_prefix(p) {
+            let mut v = p.to_vec();
+            v.extend_from_slice(b"overlay.");
+            v.extend_from_slice(rest);
+            return v;
+        }
+    }
+    visible.to_vec()
+}
+
+/// The name a user sees for an xattr stored in a layer, or `None` if it is the overlay's own.
+pub fn visible_xattr_name(stored: &[u8]) -> Option<Cow<'_, [u8]>> {
+    for p in PRIVATE_PREFIXES {
+        if let Some(rest) = stored.strip_prefix(p) {
+            // "trusted.overlay.overlay.X" is shown as "trusted.overlay.X".
+            let escaped = rest.strip_prefix(&b"overlay."[..])?;
+            let mut v = p.to_vec();
+            v.extend_from_slice(escaped);
+            return Some(Cow::Owned(v));
+        }
+    }
+    Some(Cow::Borrowed(stored))
 }
 
 /// Whether a stat result is a kernel-form whiteout (character device 0:0).
@@ -53,10 +86,9 @@ pub fn may_be_xattr_whiteout(st: &libc::stat) -> bool {
 
 /// Whether `name` in directory `dir` carries a whiteout xattr.
 pub fn has_whiteout_xattr(dir: BorrowedFd<'_>, name: &CStr) -> bool {
-    let Ok(fd) = sys::open_child(dir, name, libc::O_PATH) else {
-        return false;
-    };
-    has_any_xattr(std::os::fd::AsFd::as_fd(&fd), &WHITEOUT_XATTRS, &[])
+    WHITEOUT_XATTRS
+        .iter()
+        .any(|x| sys::get_xattr_at(dir, name, x).is_ok())
 }
 
 /// Whether a `.wh.NAME` whiteout for `name` exists in `dir`.
@@ -97,11 +129,4 @@ pub fn dir_marks(dir: BorrowedFd<'_>) -> DirMarks {
         marks.opaque = sys::stat_at(dir, c".wh..wh..opq").is_ok();
     }
     marks
-}
-
-fn has_any_xattr(fd: BorrowedFd<'_>, names: &[&CStr], values: &[&[u8]]) -> bool {
-    names.iter().any(|n| match sys::get_xattr(fd, n) {
-        Ok(v) => values.is_empty() || values.iter().any(|want| v.starts_with(want)),
-        Err(_) => false,
-    })
 }

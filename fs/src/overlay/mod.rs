@@ -1,8 +1,16 @@
 //! The overlay itself: lookup through the layers, merged directories, attributes, reads and
 //! xattrs. It knows nothing about FUSE; [`crate::fuse`] translates requests into these calls.
 //! Errors are `errno` values, which is what every caller ends up answering.
+//!
+//! The read side lives here; [`copyup`] moves objects into the upper layer and [`write`]
+//! holds the operations that change the tree.
 
-use std::ffi::OsStr;
+mod copyup;
+mod write;
+
+pub use write::{Creator, SetAttr, SetTime};
+
+use std::ffi::{CStr, OsStr};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -11,10 +19,11 @@ use std::sync::Arc;
 
 use crate::dirmerge::{self, DirEntry};
 use crate::fdcache::DirFdCache;
-use crate::handles::{Handle, HandleTable};
+use crate::handles::{Handle, HandleTable, OpenFile};
 use crate::inode::{DirLayer, InoMapper, Location, Node, NodeTable, ROOT_INO};
 use crate::layers::LayerStack;
 use crate::sys;
+use crate::upper::{Upper, WhiteoutFormat};
 use crate::whiteout;
 
 /// Result of an overlay operation: a value or an `errno`.
@@ -31,6 +40,15 @@ pub struct Attr {
     pub st: libc::stat,
 }
 
+/// Choices that shape an overlay beyond its layers.
+#[derive(Debug, Clone, Default)]
+pub struct OverlayOptions {
+    /// Refuse every change even with an upper layer.
+    pub read_only: bool,
+    /// Whiteout format to write; probed from the upper filesystem when `None`.
+    pub whiteout: Option<WhiteoutFormat>,
+}
+
 /// A merged view over a [`LayerStack`].
 #[derive(Debug)]
 pub struct Overlay {
@@ -39,17 +57,48 @@ pub struct Overlay {
     inos: InoMapper,
     dirfds: DirFdCache,
     handles: HandleTable,
+    upper: Option<Upper>,
+    read_only: bool,
+}
+
+/// What a name in a directory resolves to.
+#[derive(Debug, Clone)]
+pub(crate) struct Resolved {
+    /// The layer holding the visible object.
+    pub layer: u16,
+    /// Its real attributes.
+    pub st: libc::stat,
+    /// Our inode number for it.
+    pub ino: u64,
+    /// For a directory, the copies that merge into it.
+    pub merged: Vec<DirLayer>,
+}
+
+impl Resolved {
+    fn is_dir(&self) -> bool {
+        (self.st.st_mode & libc::S_IFMT) == libc::S_IFDIR
+    }
 }
 
 impl Overlay {
-    /// Builds the overlay and its root node.
-    pub fn new(stack: LayerStack) -> OvlResult<Overlay> {
+    /// Builds the overlay and its root node; prepares the work directory when there is an
+    /// upper layer.
+    pub fn new(stack: LayerStack, opts: OverlayOptions) -> OvlResult<Overlay> {
+        let upper = match (stack.upper(), &stack.workdir) {
+            (Some(_), Some(work)) => {
+                Some(Upper::open(stack.get(0).fd(), work.fd(), opts.whiteout)?)
+            }
+            _ => None,
+        };
+        let inos = InoMapper::with_devs(stack.layers().iter().map(|l| l.dev));
         let ov = Overlay {
             stack,
             nodes: NodeTable::default(),
-            inos: InoMapper::default(),
+            inos,
             dirfds: DirFdCache::new(DIR_FD_CACHE),
             handles: HandleTable::default(),
+            upper,
+            read_only: opts.read_only,
         };
         let mut dirs = Vec::new();
         for (i, layer) in ov.stack.layers().iter().enumerate() {
@@ -111,25 +160,29 @@ impl Overlay {
         Attr { st }
     }
 
-    /// Looks `name` up in directory `parent` and counts one kernel reference to the result.
-    pub fn lookup(&self, parent: u64, name: &OsStr) -> OvlResult<Attr> {
-        let name = name.as_bytes();
+    /// Checks a name the kernel hands us for a lookup or a new entry.
+    fn check_name(name: &[u8]) -> OvlResult<()> {
         if name.len() > 255 {
             return Err(libc::ENAMETOOLONG);
         }
         if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
             return Err(libc::EINVAL);
         }
+        Ok(())
+    }
+
+    /// Resolves `name` in the directory at `ploc` through the layers, top first. The rules
+    /// here and in [`dirmerge::merge`] are the same, so lookup and readdir always agree.
+    pub(crate) fn resolve(&self, ploc: &Location, name: &[u8]) -> OvlResult<Option<Resolved>> {
+        Self::check_name(name)?;
         if whiteout::is_marker_name(name) {
-            return Err(libc::ENOENT);
+            return Ok(None);
         }
-        let pnode = self.node(parent)?;
-        let ploc = pnode.loc.read().clone();
         let dirs = ploc.dir.as_ref().ok_or(libc::ENOTDIR)?;
         let cname = sys::cstring(name)?;
         let child_path = join(&ploc.path, name);
 
-        let mut top: Option<(u16, libc::stat)> = None;
+        let mut top: Option<(u16, libc::stat, Arc<OwnedFd>)> = None;
         let mut merged: Vec<DirLayer> = Vec::new();
         for dl in dirs.iter() {
             let dfd = match self.layer_dir(dl.layer, &ploc.path) {
@@ -148,7 +201,7 @@ impl Overlay {
                         break;
                     }
                     if top.is_none() {
-                        top = Some((dl.layer, st));
+                        top = Some((dl.layer, st, dfd.clone()));
                     }
                     if (st.st_mode & libc::S_IFMT) != libc::S_IFDIR {
                         // A non-directory ends the stack: nothing below shows through.
@@ -172,23 +225,66 @@ impl Overlay {
                 break;
             }
         }
-        let (layer, st) = top.ok_or(libc::ENOENT)?;
-        let kind = st.st_mode & libc::S_IFMT;
-        let ino = self.inos.ino(st.st_dev, st.st_ino);
-        let is_dir = kind == libc::S_IFDIR;
-        let merged_dir = merged.len() > 1;
+        let Some((layer, st, dfd)) = top else {
+            return Ok(None);
+        };
+        let ino = self.ino_of(layer, dfd.as_fd(), &cname, &st);
+        Ok(Some(Resolved {
+            layer,
+            st,
+            ino,
+            merged,
+        }))
+    }
+
+    /// Our inode number for an object: from the identity it was copied up from, when the
+    /// upper copy records one, so that copy-up never changes a number.
+    fn ino_of(
+        &self,
+        layer: u16,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &CStr,
+        st: &libc::stat,
+    ) -> u64 {
+        if layer == 0 {
+            if let Some(up) = &self.upper {
+                if let Some((dev, ino)) = up.read_origin(dir, name) {
+                    return self.inos.ino(dev, ino);
+                }
+            }
+        }
+        self.inos.ino(st.st_dev, st.st_ino)
+    }
+
+    /// Looks `name` up in directory `parent` and counts one kernel reference to the result.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> OvlResult<Attr> {
+        let pnode = self.node(parent)?;
+        let ploc = pnode.loc.read().clone();
+        let r = self.resolve(&ploc, name.as_bytes())?.ok_or(libc::ENOENT)?;
+        Ok(self.remember(&ploc.path, name.as_bytes(), r))
+    }
+
+    /// Registers (or finds) the node for a resolved entry, counts one kernel reference, and
+    /// returns its attributes.
+    pub(crate) fn remember(&self, parent_path: &[u8], name: &[u8], r: Resolved) -> Attr {
+        let kind = r.st.st_mode & libc::S_IFMT;
+        let is_dir = r.is_dir();
+        let merged_dir = r.merged.len() > 1;
+        let ino = r.ino;
+        let layer = r.layer;
+        let merged = r.merged;
         self.nodes.lookup(ino, || {
             Node::new(
                 ino,
                 kind,
                 Location {
-                    path: child_path,
+                    path: join(parent_path, name),
                     layer,
                     dir: is_dir.then(|| merged.into()),
                 },
             )
         });
-        Ok(self.attr(st, ino, merged_dir))
+        self.attr(r.st, ino, merged_dir)
     }
 
     /// Drops `n` kernel references to `ino`.
@@ -206,8 +302,15 @@ impl Overlay {
         }
     }
 
-    /// Current attributes of `ino`.
-    pub fn getattr(&self, ino: u64) -> OvlResult<Attr> {
+    /// Current attributes of `ino`; through open handle `fh` when given, which keeps working
+    /// after the name is gone.
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> OvlResult<Attr> {
+        if let Some(Handle::File(of)) = fh.and_then(|fh| self.handles.get(fh)).as_deref() {
+            self.refresh(of)?;
+            let st = sys::stat_fd(of.file.read().1.as_fd())?;
+            let merged = false;
+            return Ok(self.attr(st, ino, merged));
+        }
         let node = self.node(ino)?;
         let loc = node.loc.read().clone();
         let st = self.stat_loc(&loc)?;
@@ -237,33 +340,63 @@ impl Overlay {
         sys::open_child(dfd.as_fd(), &sys::cstring(name)?, flags)
     }
 
-    /// Opens file `ino`; returns the handle number.
+    /// Opens file `ino`; returns the handle number. Opening for writing copies the file up.
     pub fn open(&self, ino: u64, flags: i32) -> OvlResult<u64> {
-        let accmode = flags & libc::O_ACCMODE;
-        if accmode != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
-            // Writes arrive with the copy-up path; until then the mount is read-only.
-            return Err(libc::EROFS);
-        }
         let node = self.node(ino)?;
         if node.is_dir() {
             return Err(libc::EISDIR);
         }
+        let accmode = flags & libc::O_ACCMODE;
+        if accmode != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return self.open_for_write(node, flags);
+        }
         let loc = node.loc.read().clone();
         let keep = flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_NOATIME);
         let fd = self.open_object(&loc, libc::O_RDONLY | keep)?;
-        Ok(self.handles.insert(Handle::File(File::from(fd))))
+        Ok(self.handles.insert(Handle::File(OpenFile {
+            node,
+            file: parking_lot::RwLock::new((loc.layer, File::from(fd))),
+            writable: false,
+        })))
+    }
+
+    /// Swaps a read-only handle's lower descriptor for the upper copy once the file has been
+    /// copied up, so that it sees writes made through other handles.
+    fn refresh(&self, of: &OpenFile) -> OvlResult<()> {
+        let (layer, loc) = {
+            let loc = of.node.loc.read();
+            (loc.layer, loc.clone())
+        };
+        if of.file.read().0 == layer {
+            return Ok(());
+        }
+        let fd = self.open_object(&loc, libc::O_RDONLY)?;
+        *of.file.write() = (layer, File::from(fd));
+        Ok(())
+    }
+
+    fn open_file(&self, fh: u64) -> OvlResult<Arc<Handle>> {
+        let h = self.handles.get(fh).ok_or(libc::EBADF)?;
+        match h.as_ref() {
+            Handle::File(_) => Ok(h),
+            Handle::Dir(_) => Err(libc::EISDIR),
+        }
     }
 
     /// Reads up to `size` bytes at `offset` from open file `fh`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> OvlResult<Vec<u8>> {
-        let h = self.handles.get(fh).ok_or(libc::EBADF)?;
-        let Handle::File(file) = h.as_ref() else {
+        let h = self.open_file(fh)?;
+        let Handle::File(of) = h.as_ref() else {
             return Err(libc::EISDIR);
         };
+        if !of.writable {
+            self.refresh(of)?;
+        }
+        let file = of.file.read();
         let mut buf = vec![0u8; size as usize];
         let mut done = 0usize;
         while done < buf.len() {
-            match file.read_at(&mut buf[done..], offset + done as u64) {
+            match file.1.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -334,43 +467,56 @@ impl Overlay {
 
     /// Value of xattr `name` of `ino`; the overlay's own xattrs do not exist for users.
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> OvlResult<Vec<u8>> {
-        if whiteout::is_private_xattr(name.as_bytes()) {
-            return Err(libc::ENODATA);
-        }
         let node = self.node(ino)?;
         let loc = node.loc.read().clone();
-        let fd = self.open_object(&loc, libc::O_PATH)?;
-        sys::get_xattr(fd.as_fd(), &sys::os_cstring(name)?)
+        let (dir, cname) = self.object_at(&loc)?;
+        let stored = sys::cstring(&whiteout::stored_xattr_name(name.as_bytes()))?;
+        sys::get_xattr_at(dir.as_fd(), &cname, &stored)
     }
 
     /// Names of the xattrs of `ino` (NUL-separated), without the overlay's own.
     pub fn listxattr(&self, ino: u64) -> OvlResult<Vec<u8>> {
         let node = self.node(ino)?;
         let loc = node.loc.read().clone();
-        let fd = self.open_object(&loc, libc::O_PATH)?;
-        let raw = sys::list_xattr(fd.as_fd())?;
+        let (dir, cname) = self.object_at(&loc)?;
+        let raw = sys::list_xattr_at(dir.as_fd(), &cname)?;
         let mut out = Vec::with_capacity(raw.len());
         for n in raw.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-            if !whiteout::is_private_xattr(n) {
-                out.extend_from_slice(n);
+            if let Some(v) = whiteout::visible_xattr_name(n) {
+                out.extend_from_slice(&v);
                 out.push(0);
             }
         }
         Ok(out)
     }
 
+    /// The directory descriptor and name through which the `*at` calls reach `loc`'s object
+    /// (a directory is reached as itself, with an empty name).
+    fn object_at(&self, loc: &Location) -> OvlResult<(Arc<OwnedFd>, std::ffi::CString)> {
+        if loc.dir.is_some() {
+            Ok((
+                self.layer_dir(loc.layer, &loc.path)?,
+                std::ffi::CString::default(),
+            ))
+        } else {
+            let (parent, name) = loc.split();
+            Ok((self.layer_dir(loc.layer, parent)?, sys::cstring(name)?))
+        }
+    }
+
     /// Permission check for `access(2)` when the kernel asks (it does not with
     /// `default_permissions`, which the mount always uses): existence, and no writes.
     pub fn access(&self, ino: u64, mask: i32) -> OvlResult<()> {
         self.node(ino)?;
-        if mask & libc::W_OK != 0 {
+        if mask & libc::W_OK != 0 && (self.upper.is_none() || self.read_only) {
             return Err(libc::EROFS);
         }
         Ok(())
     }
 }
 
-fn join(parent: &[u8], name: &[u8]) -> Box<[u8]> {
+/// `parent/name` as a layer-relative path.
+pub(crate) fn join(parent: &[u8], name: &[u8]) -> Box<[u8]> {
     if parent.is_empty() {
         return Box::from(name);
     }

@@ -1,0 +1,333 @@
+//! Copy-up: moving an object from a lower layer into the upper layer before it changes.
+//!
+//! The copy is built in the work directory (data by reflink, else `copy_file_range` over the
+//! data extents so holes stay holes, else read/write), given the original's owner, mode,
+//! xattrs and times, and only then renamed into place with `RENAME_NOREPLACE`. A crash at any
+//! point leaves the lower file visible and at most junk in the work directory, which the next
+//! mount clears. Parents are copied up first, top down.
+
+use std::ffi::CStr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use super::{Overlay, OvlResult};
+use crate::inode::{DirLayer, Node};
+use crate::sys;
+use crate::upper::{clear_child, Upper};
+use crate::whiteout;
+
+impl Overlay {
+    /// The upper layer, or `EROFS` when the mount cannot change.
+    pub(super) fn upper(&self) -> OvlResult<&Upper> {
+        match &self.upper {
+            Some(u) if !self.read_only => Ok(u),
+            _ => Err(libc::EROFS),
+        }
+    }
+
+    /// Makes sure `node`'s object is in the upper layer.
+    pub(super) fn copy_up(&self, node: &Node) -> OvlResult<()> {
+        let upper = self.upper()?;
+        if node.loc.read().layer == 0 {
+            return Ok(());
+        }
+        let _guard = node.copy_lock.lock();
+        let loc = node.loc.read().clone();
+        if loc.layer == 0 {
+            return Ok(()); // another thread finished it while we waited
+        }
+        let (parent, name) = loc.split();
+        let pfd = self.ensure_upper_dir(parent)?;
+        let src_dir = self.layer_dir(loc.layer, parent)?;
+        let cname = sys::cstring(name)?;
+        let st = sys::stat_at(src_dir.as_fd(), &cname)?;
+        self.copy_object(upper, src_dir.as_fd(), &cname, &st, pfd.as_fd(), &cname)?;
+        let mut l = node.loc.write();
+        l.layer = 0;
+        if let Some(dirs) = &l.dir {
+            let mut v: Vec<DirLayer> = dirs.to_vec();
+            v.insert(
+                0,
+                DirLayer {
+                    layer: 0,
+                    xattr_whiteouts: false,
+                },
+            );
+            l.dir = Some(v.into());
+        }
+        Ok(())
+    }
+
+    /// Ensures the merged directory at `path` exists in the upper layer, copying up each
+    /// missing ancestor top down, and returns its upper descriptor.
+    pub(super) fn ensure_upper_dir(&self, path: &[u8]) -> OvlResult<Arc<OwnedFd>> {
+        if let Ok(fd) = self.layer_dir(0, path) {
+            return Ok(fd);
+        }
+        let upper = self.upper()?;
+        let mut ends: Vec<usize> = path
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b == b'/')
+            .map(|(i, _)| i)
+            .collect();
+        ends.push(path.len());
+        for end in ends {
+            let prefix = &path[..end];
+            if self.layer_dir(0, prefix).is_ok() {
+                continue;
+            }
+            self.copy_up_dir(upper, prefix)?;
+        }
+        self.layer_dir(0, path)
+    }
+
+    /// Copies up the directory at `path` (whose parent is already in the upper layer) from its
+    /// topmost lower copy, metadata only, and updates its node if the kernel holds one.
+    fn copy_up_dir(&self, upper: &Upper, path: &[u8]) -> OvlResult<()> {
+        let (parent, name) = split(path);
+        let pfd = self.layer_dir(0, parent)?;
+        let (layer, src) = (1..self.stack.len() as u16)
+            .find_map(|l| self.layer_dir(l, path).ok().map(|fd| (l, fd)))
+            .ok_or(libc::ENOENT)?;
+        let (src_parent, _) = split(path);
+        let src_pfd = self.layer_dir(layer, src_parent)?;
+        let st = sys::stat_fd(src.as_fd())?;
+        let ino = self.inos.ino(st.st_dev, st.st_ino);
+        let node = self.nodes.get(ino);
+        let _guard = node.as_ref().map(|n| n.copy_lock.lock());
+        if self.layer_dir(0, path).is_ok() {
+            return Ok(());
+        }
+        let cname = sys::cstring(name)?;
+        self.copy_object(upper, src_pfd.as_fd(), &cname, &st, pfd.as_fd(), &cname)?;
+        if let Some(node) = &node {
+            let mut l = node.loc.write();
+            if l.layer != 0 {
+                l.layer = 0;
+                let mut v: Vec<DirLayer> = l.dir.as_deref().unwrap_or_default().to_vec();
+                v.insert(
+                    0,
+                    DirLayer {
+                        layer: 0,
+                        xattr_whiteouts: false,
+                    },
+                );
+                l.dir = Some(v.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds a copy of `src_dir/name` (attributes `st`) in the work directory and renames it
+    /// to `dst_dir/dst_name`. Losing a race to another copier is success.
+    fn copy_object(
+        &self,
+        upper: &Upper,
+        src_dir: BorrowedFd<'_>,
+        name: &CStr,
+        st: &libc::stat,
+        dst_dir: BorrowedFd<'_>,
+        dst_name: &CStr,
+    ) -> OvlResult<()> {
+        let work = upper.work.as_fd();
+        let tmp = upper.temp_name();
+        let built = (|| {
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFREG => copy_data(src_dir, name, work, &tmp, st)?,
+                libc::S_IFDIR => sys::mkdir_at(work, &tmp, 0o700)?,
+                libc::S_IFLNK => {
+                    let target = sys::readlink_at(src_dir, name)?;
+                    sys::symlink_at(&sys::cstring(&target)?, work, &tmp)?;
+                }
+                kind => sys::mknod_at(work, &tmp, kind | 0o600, st.st_rdev)?,
+            }
+            copy_metadata(src_dir, name, work, &tmp, st)?;
+            upper.write_origin(work, &tmp, st.st_dev, st.st_ino);
+            set_times(work, &tmp, st)?;
+            match sys::rename_at(work, &tmp, dst_dir, dst_name, libc::RENAME_NOREPLACE) {
+                Ok(()) | Err(libc::EEXIST) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })();
+        // After a successful rename this finds nothing; after a failure or a lost race it
+        // removes our partial copy.
+        let _ = clear_child(work, &tmp);
+        built
+    }
+}
+
+fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
+/// Copies a regular file's data, keeping holes.
+fn copy_data(
+    src_dir: BorrowedFd<'_>,
+    name: &CStr,
+    work: BorrowedFd<'_>,
+    tmp: &CStr,
+    st: &libc::stat,
+) -> OvlResult<()> {
+    let src = sys::open_child(src_dir, name, libc::O_RDONLY)?;
+    let dst = sys::create_child(work, tmp, libc::O_EXCL | libc::O_WRONLY, 0o600)?;
+    copy_fd_data(src.as_fd(), dst.as_fd(), st.st_size as u64)
+}
+
+/// Copies `size` bytes of data from `src` to the empty file `dst`.
+pub(crate) fn copy_fd_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> OvlResult<()> {
+    // SAFETY: FICLONE takes the source descriptor as its argument.
+    if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let mut off: i64 = 0;
+    while (off as u64) < size {
+        // SAFETY: plain lseek on our descriptor.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), off, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole remains
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { size as i64 } else { hole };
+        copy_range(src, dst, data, end - data)?;
+        off = end;
+    }
+    // SAFETY: plain ftruncate; makes a trailing hole part of the size.
+    if unsafe { libc::ftruncate(dst.as_raw_fd(), size as i64) } < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: i64) -> OvlResult<()> {
+    let (mut ioff, mut ooff) = (start, start);
+    let end = start + len;
+    let mut use_cfr = true;
+    let mut buf = Vec::new();
+    while ioff < end {
+        let want = (end - ioff).min(1 << 30) as usize;
+        if use_cfr {
+            // SAFETY: offsets are ours; descriptors are valid.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut ioff,
+                    dst.as_raw_fd(),
+                    &mut ooff,
+                    want,
+                    0,
+                )
+            };
+            if n > 0 {
+                continue;
+            }
+            if n == 0 {
+                break;
+            }
+            match errno() {
+                libc::EINTR => continue,
+                libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP => use_cfr = false,
+                e => return Err(e),
+            }
+        }
+        buf.resize(want.min(1 << 20), 0);
+        // SAFETY: buffer valid for its length.
+        let n = unsafe { libc::pread(src.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), ioff) };
+        if n < 0 {
+            match errno() {
+                libc::EINTR => continue,
+                e => return Err(e),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        let mut w = 0usize;
+        while w < n as usize {
+            // SAFETY: buffer valid for the written range.
+            let m = unsafe {
+                libc::pwrite(
+                    dst.as_raw_fd(),
+                    buf[w..].as_ptr().cast(),
+                    n as usize - w,
+                    ooff,
+                )
+            };
+            if m < 0 {
+                match errno() {
+                    libc::EINTR => continue,
+                    e => return Err(e),
+                }
+            }
+            w += m as usize;
+            ooff += m as i64;
+        }
+        ioff += n as i64;
+    }
+    Ok(())
+}
+
+/// Owner, mode and xattrs of the original, in the order that keeps them all: chown first (it
+/// clears set-id bits and file capabilities), then mode, then xattrs.
+fn copy_metadata(
+    src_dir: BorrowedFd<'_>,
+    name: &CStr,
+    dst_dir: BorrowedFd<'_>,
+    dst: &CStr,
+    st: &libc::stat,
+) -> OvlResult<()> {
+    match sys::chown_at(dst_dir, dst, st.st_uid, st.st_gid) {
+        // Rootless: ids we may not give away stay ours, as with fuse-overlayfs.
+        Ok(()) | Err(libc::EPERM) | Err(libc::EINVAL) => {}
+        Err(e) => return Err(e),
+    }
+    if (st.st_mode & libc::S_IFMT) != libc::S_IFLNK {
+        sys::chmod_at(dst_dir, dst, st.st_mode & 0o7777)?;
+    }
+    let names = match sys::list_xattr_at(src_dir, name) {
+        Ok(n) => n,
+        Err(libc::ENOTSUP) | Err(libc::EPERM) => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    for xname in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        // Markers describe the lower layer's own stacking, not the object.
+        if whiteout::is_private_xattr(xname) && whiteout::visible_xattr_name(xname).is_none() {
+            continue;
+        }
+        let x = sys::cstring(xname)?;
+        let Ok(value) = sys::get_xattr_at(src_dir, name, &x) else {
+            continue;
+        };
+        match sys::set_xattr_at(dst_dir, dst, &x, &value, 0) {
+            // Namespaces the upper or our privileges do not allow are skipped, as the kernel
+            // does for copy-up of e.g. security.* labels it cannot set.
+            Ok(()) | Err(libc::EPERM) | Err(libc::ENOTSUP) | Err(libc::EACCES) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn set_times(dir: BorrowedFd<'_>, name: &CStr, st: &libc::stat) -> OvlResult<()> {
+    let times = [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ];
+    sys::utimens_at(dir, name, &times)
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}

@@ -1,0 +1,702 @@
+//! Operations that change the merged tree. Every change happens in the upper layer, after
+//! copying up what it touches; deletions of names that lower layers hold leave whiteouts.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use super::{join, Attr, Overlay, OvlResult, Resolved};
+use crate::dirmerge;
+use crate::handles::{Handle, OpenFile};
+use crate::inode::{DirLayer, Location, Node};
+use crate::sys;
+use crate::upper::{clear_child, WhiteoutFormat};
+use crate::whiteout;
+
+/// A time to set: a value, or "now".
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    /// The current time.
+    Now,
+    /// Seconds and nanoseconds since the epoch.
+    At(i64, i64),
+}
+
+/// The attribute changes of one `setattr`.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size.
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<SetTime>,
+    /// New modification time.
+    pub mtime: Option<SetTime>,
+}
+
+/// Who creates a new entry.
+#[derive(Debug, Clone, Copy)]
+pub struct Creator {
+    /// The caller's uid.
+    pub uid: u32,
+    /// The caller's gid.
+    pub gid: u32,
+}
+
+fn timespec(t: Option<SetTime>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(SetTime::At(s, ns)) => libc::timespec {
+            tv_sec: s,
+            tv_nsec: ns,
+        },
+    }
+}
+
+impl Overlay {
+    fn parent_loc(&self, parent: u64) -> OvlResult<Location> {
+        let p = self.node(parent)?;
+        let loc = p.loc.read().clone();
+        if loc.dir.is_none() {
+            return Err(libc::ENOTDIR);
+        }
+        Ok(loc)
+    }
+
+    /// Whether a layer below the upper one holds `name` in the directory at `ploc`, so that
+    /// removing the name must leave a whiteout.
+    fn lower_has(&self, ploc: &Location, name: &[u8]) -> OvlResult<bool> {
+        let cname = sys::cstring(name)?;
+        for dl in ploc.dir.as_deref().unwrap_or_default() {
+            if dl.layer == 0 {
+                continue;
+            }
+            let dfd = match self.layer_dir(dl.layer, &ploc.path) {
+                Ok(fd) => fd,
+                Err(libc::ENOENT) | Err(libc::ENOTDIR) => continue,
+                Err(e) => return Err(e),
+            };
+            match sys::stat_at(dfd.as_fd(), &cname) {
+                Ok(st) => {
+                    let wh = whiteout::is_chardev_whiteout(&st)
+                        || (dl.xattr_whiteouts
+                            && whiteout::may_be_xattr_whiteout(&st)
+                            && whiteout::has_whiteout_xattr(dfd.as_fd(), &cname));
+                    return Ok(!wh);
+                }
+                Err(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+            if whiteout::has_oci_whiteout(dfd.as_fd(), name) {
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Creates a new entry `name` in `parent` with `make`, owned by `who`. Returns the new
+    /// entry's attributes, with one kernel reference counted.
+    fn create_entry(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        who: Creator,
+        is_dir: bool,
+        make: impl FnOnce(&OwnedFd, &CStr) -> OvlResult<()>,
+    ) -> OvlResult<Attr> {
+        let upper = self.upper()?;
+        let name = name.as_bytes();
+        Self::check_name(name)?;
+        if whiteout::is_marker_name(name) {
+            // The name would read back as a whiteout marker.
+            return Err(libc::EPERM);
+        }
+        let ploc = self.parent_loc(parent)?;
+        if self.resolve(&ploc, name)?.is_some() {
+            return Err(libc::EEXIST);
+        }
+        let pfd = self.ensure_upper_dir(&ploc.path)?;
+        let had_whiteout = upper.remove_whiteout(pfd.as_fd(), name)?;
+        let cname = sys::cstring(name)?;
+        make(&pfd, &cname)?;
+        let pst = sys::stat_fd(pfd.as_fd())?;
+        // A set-group-id directory hands its group down, as the kernel does on create.
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            who.gid
+        };
+        match sys::chown_at(pfd.as_fd(), &cname, who.uid, gid) {
+            Ok(()) | Err(libc::EPERM) | Err(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+        // A new directory where a lower one was deleted must not show the old contents.
+        if is_dir && had_whiteout && self.lower_has(&ploc, name)? {
+            upper.make_opaque(pfd.as_fd(), name)?;
+        }
+        let st = sys::stat_at(pfd.as_fd(), &cname)?;
+        let ino = self.inos.ino(st.st_dev, st.st_ino);
+        let merged = if is_dir {
+            vec![DirLayer {
+                layer: 0,
+                xattr_whiteouts: false,
+            }]
+        } else {
+            Vec::new()
+        };
+        Ok(self.remember(
+            &ploc.path,
+            name,
+            Resolved {
+                layer: 0,
+                st,
+                ino,
+                merged,
+            },
+        ))
+    }
+
+    /// Creates and opens a regular file.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        who: Creator,
+    ) -> OvlResult<(Attr, u64)> {
+        let attr = self.create_entry(parent, name, who, false, |pfd, cname| {
+            sys::create_child(
+                pfd.as_fd(),
+                cname,
+                libc::O_EXCL | libc::O_WRONLY,
+                mode & 0o7777,
+            )
+            .map(drop)
+        })?;
+        let node = self.node(attr.st.st_ino)?;
+        let fh = self.open_for_write(
+            node,
+            flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
+        )?;
+        Ok((attr, fh))
+    }
+
+    /// Creates a special file (fifo, socket, device) or an empty regular file.
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u64,
+        who: Creator,
+    ) -> OvlResult<Attr> {
+        self.create_entry(parent, name, who, false, |pfd, cname| {
+            sys::mknod_at(pfd.as_fd(), cname, mode, rdev)
+        })
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, who: Creator) -> OvlResult<Attr> {
+        self.create_entry(parent, name, who, true, |pfd, cname| {
+            sys::mkdir_at(pfd.as_fd(), cname, mode & 0o7777)
+        })
+    }
+
+    /// Creates a symlink.
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &[u8],
+        who: Creator,
+    ) -> OvlResult<Attr> {
+        let target = sys::cstring(target)?;
+        self.create_entry(parent, name, who, false, |pfd, cname| {
+            sys::symlink_at(&target, pfd.as_fd(), cname)
+        })
+    }
+
+    /// Makes `newname` in `newparent` another name of `ino`.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> OvlResult<Attr> {
+        let upper = self.upper()?;
+        let node = self.node(ino)?;
+        if node.is_dir() {
+            return Err(libc::EPERM);
+        }
+        let name = newname.as_bytes();
+        Self::check_name(name)?;
+        if whiteout::is_marker_name(name) {
+            return Err(libc::EPERM);
+        }
+        let ploc = self.parent_loc(newparent)?;
+        if self.resolve(&ploc, name)?.is_some() {
+            return Err(libc::EEXIST);
+        }
+        self.copy_up(&node)?;
+        let loc = node.loc.read().clone();
+        let (sparent, sname) = loc.split();
+        let sfd = self.layer_dir(0, sparent)?;
+        let pfd = self.ensure_upper_dir(&ploc.path)?;
+        upper.remove_whiteout(pfd.as_fd(), name)?;
+        let cname = sys::cstring(name)?;
+        sys::link_at(sfd.as_fd(), &sys::cstring(sname)?, pfd.as_fd(), &cname)?;
+        node.add_lookup();
+        let st = sys::stat_at(pfd.as_fd(), &cname)?;
+        Ok(self.attr(st, ino, false))
+    }
+
+    /// Removes the non-directory `name` from `parent`.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> OvlResult<()> {
+        let upper = self.upper()?;
+        let name = name.as_bytes();
+        let ploc = self.parent_loc(parent)?;
+        let r = self.resolve(&ploc, name)?.ok_or(libc::ENOENT)?;
+        if r.is_dir() {
+            return Err(libc::EISDIR);
+        }
+        let lower = self.lower_has(&ploc, name)?;
+        let pfd = self.ensure_upper_dir(&ploc.path)?;
+        let cname = sys::cstring(name)?;
+        if r.layer == 0 {
+            // Keep the object reachable for open handles before its name goes away.
+            self.detach(r.ino);
+            if lower {
+                self.replace_with_whiteout(pfd.as_fd(), name, &cname)?;
+            } else {
+                sys::unlink_at(pfd.as_fd(), &cname, 0)?;
+            }
+        } else {
+            upper.make_whiteout(pfd.as_fd(), name)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the upper entry `name` in `dir` with a whiteout, atomically where the format
+    /// allows (the lower object must never show through in between).
+    fn replace_with_whiteout(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &[u8],
+        cname: &CStr,
+    ) -> OvlResult<()> {
+        let upper = self.upper()?;
+        match upper.whiteout {
+            WhiteoutFormat::CharDev => {
+                let work = upper.work.as_fd();
+                let tmp = upper.temp_name();
+                sys::mknod_at(work, &tmp, libc::S_IFCHR, 0)?;
+                let r = sys::rename_at(work, &tmp, dir, cname, 0);
+                if r.is_err() {
+                    let _ = sys::unlink_at(work, &tmp, 0);
+                }
+                r
+            }
+            WhiteoutFormat::Oci => {
+                upper.make_whiteout(dir, name)?;
+                sys::unlink_at(dir, cname, 0)
+            }
+        }
+    }
+
+    /// Removes the empty directory `name` from `parent`.
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> OvlResult<()> {
+        let upper = self.upper()?;
+        let name = name.as_bytes();
+        let ploc = self.parent_loc(parent)?;
+        let r = self.resolve(&ploc, name)?.ok_or(libc::ENOENT)?;
+        if !r.is_dir() {
+            return Err(libc::ENOTDIR);
+        }
+        let child_path = join(&ploc.path, name);
+        if self.dir_has_entries(&child_path, &r.merged)? {
+            return Err(libc::ENOTEMPTY);
+        }
+        let lower = self.lower_has(&ploc, name)?;
+        let pfd = self.ensure_upper_dir(&ploc.path)?;
+        let cname = sys::cstring(name)?;
+        let work = upper.work.as_fd();
+        if r.layer == 0 {
+            let tmp = upper.temp_name();
+            if lower && upper.whiteout == WhiteoutFormat::CharDev {
+                sys::mknod_at(work, &tmp, libc::S_IFCHR, 0)?;
+                if let Err(e) =
+                    sys::rename_at(work, &tmp, pfd.as_fd(), &cname, libc::RENAME_EXCHANGE)
+                {
+                    let _ = sys::unlink_at(work, &tmp, 0);
+                    return Err(e);
+                }
+            } else {
+                if lower {
+                    upper.make_whiteout(pfd.as_fd(), name)?;
+                }
+                sys::rename_at(pfd.as_fd(), &cname, work, &tmp, 0)?;
+            }
+            // The old directory (with its whiteouts) now sits in the work dir.
+            let _ = clear_child(work, &tmp);
+            self.dirfds.invalidate_tree(0, &child_path);
+            self.detach(r.ino);
+        } else {
+            upper.make_whiteout(pfd.as_fd(), name)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the merged directory at `path` (copies `layers`) lists anything.
+    fn dir_has_entries(&self, path: &[u8], layers: &[DirLayer]) -> OvlResult<bool> {
+        let entries = dirmerge::merge(
+            layers,
+            |layer| Ok((self.layer_dir(layer, path)?, self.stack.get(layer).dev)),
+            &self.inos,
+        )?;
+        Ok(!entries.is_empty())
+    }
+
+    /// Marks a node whose last name went away: it lives on only through open handles.
+    fn detach(&self, ino: u64) {
+        let _ = ino;
+    }
+
+    /// Renames `name` in `parent` to `newname` in `newparent` (`flags`: RENAME_NOREPLACE,
+    /// RENAME_EXCHANGE).
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> OvlResult<()> {
+        let upper = self.upper()?;
+        let (name, newname) = (name.as_bytes(), newname.as_bytes());
+        Self::check_name(newname)?;
+        if whiteout::is_marker_name(newname) {
+            return Err(libc::EPERM);
+        }
+        let ploc = self.parent_loc(parent)?;
+        let nploc = self.parent_loc(newparent)?;
+        let src = self.resolve(&ploc, name)?.ok_or(libc::ENOENT)?;
+        let dst = self.resolve(&nploc, newname)?;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        if flags & libc::RENAME_NOREPLACE != 0 && dst.is_some() {
+            return Err(libc::EEXIST);
+        }
+        if exchange && dst.is_none() {
+            return Err(libc::ENOENT);
+        }
+        if let Some(d) = &dst {
+            if d.ino == src.ino {
+                return Ok(()); // same object (or hard links of it): nothing to do
+            }
+            if !exchange {
+                match (src.is_dir(), d.is_dir()) {
+                    (true, false) => return Err(libc::ENOTDIR),
+                    (false, true) => return Err(libc::EISDIR),
+                    (true, true)
+                        if self.dir_has_entries(&join(&nploc.path, newname), &d.merged)? =>
+                    {
+                        return Err(libc::ENOTEMPTY);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // A directory with lower parts would need a redirect; that lands separately.
+        let not_pure_upper = |r: &Resolved| r.is_dir() && r.merged.iter().any(|d| d.layer != 0);
+        if not_pure_upper(&src) || (exchange && dst.as_ref().is_some_and(not_pure_upper)) {
+            return Err(libc::EXDEV);
+        }
+        let src_node = self.node(src.ino)?;
+        self.copy_up(&src_node)?;
+        let dst_node = match (&dst, exchange) {
+            (Some(d), true) => {
+                let n = self.node(d.ino)?;
+                self.copy_up(&n)?;
+                Some(n)
+            }
+            _ => None,
+        };
+        let pfd = self.ensure_upper_dir(&ploc.path)?;
+        let npfd = self.ensure_upper_dir(&nploc.path)?;
+        let (cname, cnew) = (sys::cstring(name)?, sys::cstring(newname)?);
+        let old_path = join(&ploc.path, name);
+        let new_path = join(&nploc.path, newname);
+        if exchange {
+            sys::rename_at(
+                pfd.as_fd(),
+                &cname,
+                npfd.as_fd(),
+                &cnew,
+                libc::RENAME_EXCHANGE,
+            )?;
+        } else {
+            let src_lower = self.lower_has(&ploc, name)?;
+            let dst_lower = self.lower_has(&nploc, newname)?;
+            if src.is_dir() {
+                // A directory cannot replace a whiteout device; drop the marker first.
+                upper.remove_whiteout(npfd.as_fd(), newname)?;
+            }
+            if let Some(d) = &dst {
+                if d.layer == 0 {
+                    self.detach(d.ino);
+                }
+            }
+            let use_rw = src_lower && upper.whiteout == WhiteoutFormat::CharDev;
+            let rflags = if use_rw { libc::RENAME_WHITEOUT } else { 0 };
+            match sys::rename_at(pfd.as_fd(), &cname, npfd.as_fd(), &cnew, rflags) {
+                Ok(()) => {}
+                Err(libc::EINVAL) if use_rw => {
+                    sys::rename_at(pfd.as_fd(), &cname, npfd.as_fd(), &cnew, 0)?;
+                    upper.make_whiteout(pfd.as_fd(), name)?;
+                }
+                Err(e) => return Err(e),
+            }
+            if src_lower && !use_rw {
+                upper.make_whiteout(pfd.as_fd(), name)?;
+            }
+            if src.is_dir() && dst_lower {
+                upper.make_opaque(npfd.as_fd(), newname)?;
+            }
+        }
+        self.dirfds.invalidate_tree(0, &old_path);
+        self.dirfds.invalidate_tree(0, &new_path);
+        self.move_paths(&src_node, &old_path, &new_path);
+        if let Some(dn) = dst_node {
+            self.move_paths(&dn, &new_path, &old_path);
+        }
+        Ok(())
+    }
+
+    /// After a rename in the upper layer: `node` and every held node below it move from
+    /// `old` to `new`.
+    fn move_paths(&self, node: &Arc<Node>, old: &[u8], new: &[u8]) {
+        if node.is_dir() {
+            self.nodes.for_each(|n| {
+                if Arc::ptr_eq(n, node) {
+                    return;
+                }
+                let mut l = n.loc.write();
+                if l.path.starts_with(old) && l.path.get(old.len()) == Some(&b'/') && l.layer == 0 {
+                    let mut p = new.to_vec();
+                    p.extend_from_slice(&l.path[old.len()..]);
+                    l.path = p.into();
+                }
+            });
+        }
+        node.loc.write().path = Box::from(new);
+    }
+
+    /// Opens `node` for writing, copying it up first.
+    pub(super) fn open_for_write(&self, node: Arc<Node>, flags: i32) -> OvlResult<u64> {
+        self.upper()?;
+        self.copy_up(&node)?;
+        let loc = node.loc.read().clone();
+        // Offsets come from the kernel, so appends need no O_APPEND here.
+        let keep = flags
+            & (libc::O_ACCMODE
+                | libc::O_TRUNC
+                | libc::O_NONBLOCK
+                | libc::O_DIRECT
+                | libc::O_SYNC
+                | libc::O_DSYNC
+                | libc::O_NOATIME);
+        let mut acc = keep;
+        if acc & libc::O_ACCMODE == libc::O_WRONLY {
+            // Reads for the page cache may come through a write-only handle.
+            acc = (acc & !libc::O_ACCMODE) | libc::O_RDWR;
+        }
+        let fd = self.open_object(&loc, acc)?;
+        Ok(self.handles.insert(Handle::File(OpenFile {
+            node,
+            file: parking_lot::RwLock::new((0, File::from(fd))),
+            writable: true,
+        })))
+    }
+
+    /// Writes `data` at `offset` through handle `fh`.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> OvlResult<u32> {
+        let h = self.open_file(fh)?;
+        let Handle::File(of) = h.as_ref() else {
+            return Err(libc::EISDIR);
+        };
+        if !of.writable {
+            return Err(libc::EBADF);
+        }
+        let file = of.file.read();
+        file.1
+            .write_all_at(data, offset)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        Ok(data.len() as u32)
+    }
+
+    /// Flushes handle `fh` to stable storage.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> OvlResult<()> {
+        let h = self.open_file(fh)?;
+        let Handle::File(of) = h.as_ref() else {
+            return Ok(());
+        };
+        let file = of.file.read();
+        let r = if datasync {
+            file.1.sync_data()
+        } else {
+            file.1.sync_all()
+        };
+        r.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    }
+
+    fn with_writable_fd<T>(&self, fh: u64, f: impl FnOnce(&File) -> OvlResult<T>) -> OvlResult<T> {
+        let h = self.open_file(fh)?;
+        let Handle::File(of) = h.as_ref() else {
+            return Err(libc::EISDIR);
+        };
+        if !of.writable {
+            return Err(libc::EBADF);
+        }
+        let file = of.file.read();
+        f(&file.1)
+    }
+
+    /// `fallocate(2)` through handle `fh`.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> OvlResult<()> {
+        self.with_writable_fd(fh, |file| {
+            // SAFETY: plain fallocate on our descriptor.
+            let r =
+                unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, length as i64) };
+            if r < 0 {
+                Err(errno())
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    /// `lseek(2)` with `SEEK_DATA`/`SEEK_HOLE` (and the plain whences) on handle `fh`.
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> OvlResult<i64> {
+        let h = self.open_file(fh)?;
+        let Handle::File(of) = h.as_ref() else {
+            return Err(libc::EISDIR);
+        };
+        if !of.writable {
+            self.refresh(of)?;
+        }
+        let file = of.file.read();
+        // SAFETY: plain lseek on our descriptor.
+        let r = unsafe { libc::lseek(file.1.as_raw_fd(), offset, whence) };
+        if r < 0 {
+            Err(errno())
+        } else {
+            Ok(r)
+        }
+    }
+
+    /// Copies a range between two open handles.
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> OvlResult<u32> {
+        let data = self.read(fh_in, off_in, len.min(1 << 24) as u32)?;
+        self.write(fh_out, off_out, &data)
+    }
+
+    /// Changes attributes of `ino` (through handle `fh` for the size when given).
+    pub fn setattr(&self, ino: u64, set: &SetAttr, fh: Option<u64>) -> OvlResult<Attr> {
+        self.upper()?;
+        let node = self.node(ino)?;
+        self.copy_up(&node)?;
+        let loc = node.loc.read().clone();
+        let (dir, cname) = self.object_at(&loc)?;
+        if let Some(size) = set.size {
+            if node.is_dir() {
+                return Err(libc::EISDIR);
+            }
+            let via_handle = fh.and_then(|fh| {
+                self.with_writable_fd(fh, |f| {
+                    f.set_len(size)
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+                })
+                .ok()
+            });
+            if via_handle.is_none() {
+                let f = File::from(sys::open_child(dir.as_fd(), &cname, libc::O_WRONLY)?);
+                f.set_len(size)
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+            }
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            sys::chown_at(
+                dir.as_fd(),
+                &cname,
+                set.uid.unwrap_or(u32::MAX),
+                set.gid.unwrap_or(u32::MAX),
+            )?;
+        }
+        if let Some(mode) = set.mode {
+            if node.kind != libc::S_IFLNK {
+                sys::chmod_at(dir.as_fd(), &cname, mode & 0o7777)?;
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            sys::utimens_at(
+                dir.as_fd(),
+                &cname,
+                &[timespec(set.atime), timespec(set.mtime)],
+            )?;
+        }
+        self.getattr(ino, None)
+    }
+
+    /// Sets xattr `name` of `ino`.
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> OvlResult<()> {
+        self.upper()?;
+        let node = self.node(ino)?;
+        self.copy_up(&node)?;
+        let loc = node.loc.read().clone();
+        let (dir, cname) = self.object_at(&loc)?;
+        let stored =
+            CString::new(whiteout::stored_xattr_name(name.as_bytes())).map_err(|_| libc::EINVAL)?;
+        sys::set_xattr_at(dir.as_fd(), &cname, &stored, value, flags)
+    }
+
+    /// Removes xattr `name` of `ino`.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> OvlResult<()> {
+        self.upper()?;
+        let node = self.node(ino)?;
+        let stored =
+            CString::new(whiteout::stored_xattr_name(name.as_bytes())).map_err(|_| libc::EINVAL)?;
+        {
+            // Removing an xattr that does not exist changes nothing: no copy-up for it.
+            let loc = node.loc.read().clone();
+            let (dir, cname) = self.object_at(&loc)?;
+            sys::get_xattr_at(dir.as_fd(), &cname, &stored)?;
+        }
+        self.copy_up(&node)?;
+        let loc = node.loc.read().clone();
+        let (dir, cname) = self.object_at(&loc)?;
+        sys::remove_xattr_at(dir.as_fd(), &cname, &stored)
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}

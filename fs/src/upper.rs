@@ -1,0 +1,217 @@
+//! The writable layer: which marker formats it can hold, the work directory where copy-ups
+//! are built, and the private xattrs that record what the overlay did (origin, opacity).
+
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::sys::{self, SysResult};
+use crate::whiteout;
+
+/// How deletions are recorded in the upper layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhiteoutFormat {
+    /// Character device 0:0 (kernel form; needs `CAP_MKNOD` over the upper filesystem).
+    CharDev,
+    /// `.wh.NAME` regular files (OCI form; works everywhere).
+    Oci,
+}
+
+/// The xattr namespace the overlay may write its markers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrNs {
+    /// `trusted.*` (root).
+    Trusted,
+    /// `user.*` (rootless).
+    User,
+    /// Neither works: opaque dirs use `.wh..wh..opq`, origins are not recorded.
+    None,
+}
+
+/// The upper layer's work area and formats.
+#[derive(Debug)]
+pub struct Upper {
+    /// Descriptor of `workdir/work`, where copy-ups are built.
+    pub work: OwnedFd,
+    /// Whiteout format written by deletions.
+    pub whiteout: WhiteoutFormat,
+    /// Namespace of the private xattrs.
+    pub xattr_ns: XattrNs,
+    origin: Option<CString>,
+    next_tmp: AtomicU64,
+}
+
+const WORK_SUBDIR: &CStr = c"work";
+
+impl Upper {
+    /// Prepares `workdir/work` (clearing what a crash left there) and probes what the upper
+    /// filesystem can hold. `forced` selects a whiteout format instead of probing.
+    pub fn open(
+        upper: BorrowedFd<'_>,
+        workdir: BorrowedFd<'_>,
+        forced: Option<WhiteoutFormat>,
+    ) -> SysResult<Upper> {
+        clear_child(workdir, WORK_SUBDIR)?;
+        // SAFETY: valid fd and C string.
+        if unsafe { libc::mkdirat(workdir.as_raw_fd(), WORK_SUBDIR.as_ptr(), 0o700) } < 0 {
+            return Err(errno());
+        }
+        let work = sys::open_child(workdir, WORK_SUBDIR, libc::O_PATH | libc::O_DIRECTORY)?;
+        let whiteout = forced.unwrap_or_else(|| probe_chardev(work.as_fd()));
+        let xattr_ns = probe_xattr_ns(work.as_fd(), upper);
+        let mut up = Upper {
+            work,
+            whiteout,
+            xattr_ns,
+            origin: None,
+            next_tmp: AtomicU64::new(0),
+        };
+        up.origin = up.private_xattr("strata.origin");
+        Ok(up)
+    }
+
+    /// The identity `(dev, ino)` an upper object was copied up from, if it records one.
+    pub fn read_origin(&self, dir: BorrowedFd<'_>, name: &CStr) -> Option<(u64, u64)> {
+        let x = self.origin.as_ref()?;
+        let v = sys::get_xattr_at(dir, name, x).ok()?;
+        let s = std::str::from_utf8(&v).ok()?;
+        let (dev, ino) = s.split_once(':')?;
+        Some((
+            u64::from_str_radix(dev, 16).ok()?,
+            u64::from_str_radix(ino, 16).ok()?,
+        ))
+    }
+
+    /// Records on an upper object the identity it was copied up from, so that it keeps its
+    /// inode number (best effort: without a usable xattr namespace it is not recorded).
+    pub fn write_origin(&self, dir: BorrowedFd<'_>, name: &CStr, dev: u64, ino: u64) {
+        if let Some(x) = &self.origin {
+            let _ = sys::set_xattr_at(dir, name, x, format!("{dev:x}:{ino:x}").as_bytes(), 0);
+        }
+    }
+
+    /// A fresh name for a temporary object in the work directory.
+    pub fn temp_name(&self) -> CString {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        CString::new(format!("#{n:x}")).expect("no NUL")
+    }
+
+    /// The name of private xattr `what` (e.g. "origin") in our namespace.
+    pub fn private_xattr(&self, what: &str) -> Option<CString> {
+        let ns = match self.xattr_ns {
+            XattrNs::Trusted => "trusted",
+            XattrNs::User => "user",
+            XattrNs::None => return None,
+        };
+        Some(CString::new(format!("{ns}.overlay.{what}")).expect("no NUL"))
+    }
+
+    /// Records in `dir` that `name` is deleted, in the upper layer's whiteout format.
+    pub fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &[u8]) -> SysResult<()> {
+        match self.whiteout {
+            WhiteoutFormat::CharDev => {
+                let c = sys::cstring(name)?;
+                // SAFETY: valid fd and C string.
+                let r = unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), libc::S_IFCHR, 0) };
+                if r < 0 {
+                    return Err(errno());
+                }
+                Ok(())
+            }
+            WhiteoutFormat::Oci => {
+                let c = sys::cstring(&whiteout::oci_whiteout_name(name))?;
+                let fd = sys::create_child(dir, &c, libc::O_EXCL | libc::O_WRONLY, 0o600)?;
+                drop(fd);
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes a whiteout for `name` in `dir`, in whichever format it is; true if one was there.
+    pub fn remove_whiteout(&self, dir: BorrowedFd<'_>, name: &[u8]) -> SysResult<bool> {
+        let c = sys::cstring(name)?;
+        let mut removed = false;
+        if let Ok(st) = sys::stat_at(dir, &c) {
+            if whiteout::is_chardev_whiteout(&st)
+                || whiteout::may_be_xattr_whiteout(&st) && whiteout::has_whiteout_xattr(dir, &c)
+            {
+                sys::unlink_at(dir, &c, 0)?;
+                removed = true;
+            }
+        }
+        let wh = sys::cstring(&whiteout::oci_whiteout_name(name))?;
+        match sys::unlink_at(dir, &wh, 0) {
+            Ok(()) => removed = true,
+            Err(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(removed)
+    }
+
+    /// Marks directory `name` in `dir` opaque.
+    pub fn make_opaque(&self, dir: BorrowedFd<'_>, name: &[u8]) -> SysResult<()> {
+        let c = sys::cstring(name)?;
+        if let Some(x) = self.private_xattr("opaque") {
+            if sys::set_xattr_at(dir, &c, &x, b"y", 0).is_ok() {
+                return Ok(());
+            }
+        }
+        let child = sys::open_child(dir, &c, libc::O_PATH | libc::O_DIRECTORY)?;
+        let fd = sys::create_child(child.as_fd(), c".wh..wh..opq", libc::O_WRONLY, 0o600)?;
+        drop(fd);
+        Ok(())
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Removes `name` in `dir` and everything below it, never following symlinks.
+pub fn clear_child(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {
+    let st = match sys::stat_at(dir, name) {
+        Ok(st) => st,
+        Err(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if (st.st_mode & libc::S_IFMT) == libc::S_IFDIR {
+        let child = sys::open_child(dir, name, libc::O_PATH | libc::O_DIRECTORY)?;
+        for e in sys::read_dir(child.as_fd())? {
+            clear_child(child.as_fd(), &sys::cstring(&e.name)?)?;
+        }
+        sys::unlink_at(dir, name, libc::AT_REMOVEDIR)
+    } else {
+        sys::unlink_at(dir, name, 0)
+    }
+}
+
+fn probe_chardev(work: BorrowedFd<'_>) -> WhiteoutFormat {
+    let name = c"probe-whiteout";
+    // SAFETY: valid fd and C string.
+    let ok = unsafe { libc::mknodat(work.as_raw_fd(), name.as_ptr(), libc::S_IFCHR, 0) } == 0;
+    let _ = sys::unlink_at(work, name, 0);
+    if ok {
+        WhiteoutFormat::CharDev
+    } else {
+        WhiteoutFormat::Oci
+    }
+}
+
+fn probe_xattr_ns(work: BorrowedFd<'_>, _upper: BorrowedFd<'_>) -> XattrNs {
+    let name = c"probe-xattr";
+    let Ok(fd) = sys::create_child(work, name, libc::O_WRONLY, 0o600) else {
+        return XattrNs::None;
+    };
+    drop(fd);
+    let ns = if sys::set_xattr_at(work, name, c"trusted.overlay.probe", b"1", 0).is_ok() {
+        XattrNs::Trusted
+    } else if sys::set_xattr_at(work, name, c"user.overlay.probe", b"1", 0).is_ok() {
+        XattrNs::User
+    } else {
+        XattrNs::None
+    };
+    let _ = sys::unlink_at(work, name, 0);
+    ns
+}
