@@ -30,7 +30,11 @@ fn build_layers(base: &Path, app: &Path) -> Result<()> {
     write(base, "usr/share/doc/README", "base documentation\n")?;
     write(base, "usr/share/doc/OBSOLETE", "removed by the app layer\n")?;
     symlink("../usr/share/doc", base.join("etc/docs"))?;
-    write(app, "etc/motd", "hello from the app layer (overrides the base)\n")?;
+    write(
+        app,
+        "etc/motd",
+        "hello from the app layer (overrides the base)\n",
+    )?;
     write(app, "app/config.toml", "listen = \"127.0.0.1:8080\"\n")?;
     // An OCI whiteout: the app layer deletes a file of the base layer.
     write(app, "usr/share/doc/.wh.OBSOLETE", "")?;
@@ -113,7 +117,10 @@ pub fn run() -> Result<()> {
     }
     let guard = Mounted(mnt.clone());
     show(
-        &format!("merged view at {} (stratafs -o lowerdir=app:base)", mnt.display()),
+        &format!(
+            "merged view at {} (stratafs -o lowerdir=app:base)",
+            mnt.display()
+        ),
         &mnt,
     )?;
     drop(guard);

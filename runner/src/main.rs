@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 
 /// Command line of the `strata` runner.
 #[derive(Parser, Debug)]
-#[command(name = "strata", version, about = "Layered filesystems as a plain userspace tool")]
+#[command(
+    name = "strata",
+    version,
+    about = "Layered filesystems as a plain userspace tool"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
