@@ -28,13 +28,13 @@ pub struct DirEntry {
 /// of the directory and that layer's device number.
 pub fn merge<F>(layers: &[DirLayer], mut open: F, inos: &InoMapper) -> SysResult<Vec<DirEntry>>
 where
-    F: FnMut(u16) -> SysResult<(std::sync::Arc<std::os::fd::OwnedFd>, u64)>,
+    F: FnMut(&DirLayer) -> SysResult<(std::sync::Arc<std::os::fd::OwnedFd>, u64)>,
 {
     let mut out: Vec<DirEntry> = Vec::new();
     let mut seen: HashSet<Box<[u8]>> = HashSet::new();
     let mut hidden: HashSet<Box<[u8]>> = HashSet::new();
     for dl in layers {
-        let (fd, dev) = match open(dl.layer) {
+        let (fd, dev) = match open(dl) {
             Ok(x) => x,
             Err(libc::ENOENT) | Err(libc::ENOTDIR) => continue,
             Err(e) => return Err(e),

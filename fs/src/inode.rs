@@ -67,12 +67,31 @@ impl InoMapper {
 }
 
 /// One layer's copy of a merged directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirLayer {
     /// Layer index (0 is the top).
     pub layer: u16,
     /// Whether this copy holds xattr-form whiteouts that listings must check.
     pub xattr_whiteouts: bool,
+    /// Where this copy lives in its layer, when that differs from the merged path (below a
+    /// renamed directory, whose lower copies stay where they were).
+    pub path: Option<Arc<[u8]>>,
+}
+
+impl DirLayer {
+    /// A copy at the merged path itself.
+    pub fn at_merged(layer: u16, xattr_whiteouts: bool) -> DirLayer {
+        DirLayer {
+            layer,
+            xattr_whiteouts,
+            path: None,
+        }
+    }
+
+    /// This copy's path in its layer, given the directory's merged path.
+    pub fn path_in_layer<'a>(&'a self, merged: &'a [u8]) -> &'a [u8] {
+        self.path.as_deref().unwrap_or(merged)
+    }
 }
 
 /// Where a node's object lives. Mutable because copy-up and rename move objects.
@@ -82,18 +101,36 @@ pub struct Location {
     pub path: Box<[u8]>,
     /// The layer holding the object (for a directory, its topmost copy).
     pub layer: u16,
+    /// The object's path in `layer` when it differs from `path` (a lower object below a
+    /// renamed directory).
+    pub real: Option<Box<[u8]>>,
     /// For directories: every layer's copy that merges into it, top first, ending at the
     /// first opaque one.
     pub dir: Option<Box<[DirLayer]>>,
 }
 
+/// Splits a layer-relative path into parent path and final name.
+pub fn split_path(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
 impl Location {
-    /// The parent path and the final name; the root has neither.
+    /// The merged parent path and the final name; the root has neither.
     pub fn split(&self) -> (&[u8], &[u8]) {
-        match self.path.iter().rposition(|&b| b == b'/') {
-            Some(i) => (&self.path[..i], &self.path[i + 1..]),
-            None => (&[], &self.path),
-        }
+        split_path(&self.path)
+    }
+
+    /// The object's path in its layer.
+    pub fn real_path(&self) -> &[u8] {
+        self.real.as_deref().unwrap_or(&self.path)
+    }
+
+    /// The parent path and name of the object in its layer.
+    pub fn real_split(&self) -> (&[u8], &[u8]) {
+        split_path(self.real_path())
     }
 
     /// Whether more than one layer contributes to this directory.
@@ -227,6 +264,7 @@ mod tests {
         let loc = Location {
             path: Box::from(&b"a"[..]),
             layer: 0,
+            real: None,
             dir: None,
         };
         t.lookup(7, || Node::new(7, libc::S_IFREG, loc.clone()));

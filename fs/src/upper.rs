@@ -38,6 +38,7 @@ pub struct Upper {
     /// Namespace of the private xattrs.
     pub xattr_ns: XattrNs,
     origin: Option<CString>,
+    redirect: Option<CString>,
     next_tmp: AtomicU64,
 }
 
@@ -64,9 +65,11 @@ impl Upper {
             whiteout,
             xattr_ns,
             origin: None,
+            redirect: None,
             next_tmp: AtomicU64::new(0),
         };
         up.origin = up.private_xattr("strata.origin");
+        up.redirect = up.private_xattr("redirect");
         Ok(up)
     }
 
@@ -80,6 +83,30 @@ impl Upper {
             u64::from_str_radix(dev, 16).ok()?,
             u64::from_str_radix(ino, 16).ok()?,
         ))
+    }
+
+    /// Where a renamed upper directory's lower copies live (layer-relative, no leading slash),
+    /// from its `overlay.redirect` xattr; only the absolute form, which is what we write.
+    pub fn read_redirect(&self, dir: BorrowedFd<'_>, name: &CStr) -> Option<Box<[u8]>> {
+        let x = self.redirect.as_ref()?;
+        let v = sys::get_xattr_at(dir, name, x).ok()?;
+        let p = v.strip_prefix(b"/")?;
+        let p = p.strip_suffix(b"/").unwrap_or(p);
+        Some(Box::from(p))
+    }
+
+    /// Records that directory `name` in `dir` is the renamed `lower_path`.
+    pub fn write_redirect(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        lower_path: &[u8],
+    ) -> SysResult<()> {
+        let x = self.redirect.as_ref().ok_or(libc::EXDEV)?;
+        let mut v = Vec::with_capacity(lower_path.len() + 1);
+        v.push(b'/');
+        v.extend_from_slice(lower_path);
+        sys::set_xattr_at(dir, name, x, &v, 0)
     }
 
     /// Records on an upper object the identity it was copied up from, so that it keeps its

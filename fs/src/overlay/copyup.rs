@@ -38,21 +38,18 @@ impl Overlay {
         }
         let (parent, name) = loc.split();
         let pfd = self.ensure_upper_dir(parent)?;
-        let src_dir = self.layer_dir(loc.layer, parent)?;
+        let (src_parent, src_name) = loc.real_split();
+        let src_dir = self.layer_dir(loc.layer, src_parent)?;
+        let src_cname = sys::cstring(src_name)?;
+        let st = sys::stat_at(src_dir.as_fd(), &src_cname)?;
         let cname = sys::cstring(name)?;
-        let st = sys::stat_at(src_dir.as_fd(), &cname)?;
-        self.copy_object(upper, src_dir.as_fd(), &cname, &st, pfd.as_fd(), &cname)?;
+        self.copy_object(upper, src_dir.as_fd(), &src_cname, &st, pfd.as_fd(), &cname)?;
         let mut l = node.loc.write();
         l.layer = 0;
+        l.real = None;
         if let Some(dirs) = &l.dir {
             let mut v: Vec<DirLayer> = dirs.to_vec();
-            v.insert(
-                0,
-                DirLayer {
-                    layer: 0,
-                    xattr_whiteouts: false,
-                },
-            );
+            v.insert(0, DirLayer::at_merged(0, false));
             l.dir = Some(v.into());
         }
         Ok(())
@@ -87,10 +84,11 @@ impl Overlay {
     fn copy_up_dir(&self, upper: &Upper, path: &[u8]) -> OvlResult<()> {
         let (parent, name) = split(path);
         let pfd = self.layer_dir(0, parent)?;
+        let lower = super::join(&self.lower_path_of(parent), name);
         let (layer, src) = (1..self.stack.len() as u16)
-            .find_map(|l| self.layer_dir(l, path).ok().map(|fd| (l, fd)))
+            .find_map(|l| self.layer_dir(l, &lower).ok().map(|fd| (l, fd)))
             .ok_or(libc::ENOENT)?;
-        let (src_parent, _) = split(path);
+        let (src_parent, src_name) = split(&lower);
         let src_pfd = self.layer_dir(layer, src_parent)?;
         let st = sys::stat_fd(src.as_fd())?;
         let ino = self.inos.ino(st.st_dev, st.st_ino);
@@ -100,23 +98,56 @@ impl Overlay {
             return Ok(());
         }
         let cname = sys::cstring(name)?;
-        self.copy_object(upper, src_pfd.as_fd(), &cname, &st, pfd.as_fd(), &cname)?;
+        let src_cname = sys::cstring(src_name)?;
+        self.copy_object(upper, src_pfd.as_fd(), &src_cname, &st, pfd.as_fd(), &cname)?;
         if let Some(node) = &node {
             let mut l = node.loc.write();
             if l.layer != 0 {
                 l.layer = 0;
+                l.real = None;
                 let mut v: Vec<DirLayer> = l.dir.as_deref().unwrap_or_default().to_vec();
-                v.insert(
-                    0,
-                    DirLayer {
-                        layer: 0,
-                        xattr_whiteouts: false,
-                    },
-                );
+                v.insert(0, DirLayer::at_merged(0, false));
                 l.dir = Some(v.into());
             }
         }
         Ok(())
+    }
+
+    /// Where the lower copies of the merged directory `path` live: the merged path, except
+    /// below a renamed directory, whose upper copy records where it came from. Every
+    /// ancestor of `path` must already be in the upper layer.
+    fn lower_path_of(&self, path: &[u8]) -> Box<[u8]> {
+        let Some(upper) = &self.upper else {
+            return Box::from(path);
+        };
+        let mut lower: Vec<u8> = Vec::new();
+        let mut merged_parent: &[u8] = &[];
+        for (i, comp) in path.split(|&b| b == b'/').enumerate() {
+            if comp.is_empty() {
+                continue;
+            }
+            let redirect = self.layer_dir(0, merged_parent).ok().and_then(|fd| {
+                let c = sys::cstring(comp).ok()?;
+                upper.read_redirect(fd.as_fd(), &c)
+            });
+            match redirect {
+                Some(r) => lower = r.to_vec(),
+                None => {
+                    if !lower.is_empty() {
+                        lower.push(b'/');
+                    }
+                    lower.extend_from_slice(comp);
+                }
+            }
+            let end = path
+                .split(|&b| b == b'/')
+                .take(i + 1)
+                .map(|c| c.len() + 1)
+                .sum::<usize>()
+                - 1;
+            merged_parent = &path[..end];
+        }
+        lower.into()
     }
 
     /// Builds a copy of `src_dir/name` (attributes `st`) in the work directory and renames it

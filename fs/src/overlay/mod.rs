@@ -66,6 +66,8 @@ pub struct Overlay {
 pub(crate) struct Resolved {
     /// The layer holding the visible object.
     pub layer: u16,
+    /// Its path in that layer, when not the merged path.
+    pub real: Option<Box<[u8]>>,
     /// Its real attributes.
     pub st: libc::stat,
     /// Our inode number for it.
@@ -103,10 +105,7 @@ impl Overlay {
         let mut dirs = Vec::new();
         for (i, layer) in ov.stack.layers().iter().enumerate() {
             let marks = whiteout::dir_marks(layer.fd());
-            dirs.push(DirLayer {
-                layer: i as u16,
-                xattr_whiteouts: marks.xattr_whiteouts,
-            });
+            dirs.push(DirLayer::at_merged(i as u16, marks.xattr_whiteouts));
             if marks.opaque {
                 break;
             }
@@ -117,6 +116,7 @@ impl Overlay {
             Location {
                 path: Box::default(),
                 layer: 0,
+                real: None,
                 dir: Some(dirs.into()),
             },
         ));
@@ -182,10 +182,14 @@ impl Overlay {
         let cname = sys::cstring(name)?;
         let child_path = join(&ploc.path, name);
 
-        let mut top: Option<(u16, libc::stat, Arc<OwnedFd>)> = None;
+        // The topmost hit: layer, attributes, its directory's descriptor, its path there.
+        type Hit = (u16, libc::stat, Arc<OwnedFd>, Box<[u8]>);
+        let mut top: Option<Hit> = None;
         let mut merged: Vec<DirLayer> = Vec::new();
+        let mut redirect: Option<Box<[u8]>> = None;
         for dl in dirs.iter() {
-            let dfd = match self.layer_dir(dl.layer, &ploc.path) {
+            let base = dl.path_in_layer(&ploc.path);
+            let dfd = match self.layer_dir(dl.layer, base) {
                 Ok(fd) => fd,
                 Err(libc::ENOENT) | Err(libc::ENOTDIR) => continue,
                 Err(e) => return Err(e),
@@ -200,21 +204,32 @@ impl Overlay {
                     {
                         break;
                     }
+                    let real = join(base, name);
                     if top.is_none() {
-                        top = Some((dl.layer, st, dfd.clone()));
+                        top = Some((dl.layer, st, dfd.clone(), real.clone()));
                     }
                     if (st.st_mode & libc::S_IFMT) != libc::S_IFDIR {
                         // A non-directory ends the stack: nothing below shows through.
                         break;
                     }
-                    let cfd = self.layer_dir(dl.layer, &child_path)?;
+                    let cfd = self.layer_dir(dl.layer, &real)?;
                     let marks = whiteout::dir_marks(cfd.as_fd());
+                    let in_place = real == child_path;
                     merged.push(DirLayer {
                         layer: dl.layer,
                         xattr_whiteouts: marks.xattr_whiteouts,
+                        path: (!in_place).then(|| Arc::from(real)),
                     });
                     if marks.opaque {
                         break;
+                    }
+                    if dl.layer == 0 {
+                        let up = self.upper.as_ref();
+                        if let Some(r) = up.and_then(|u| u.read_redirect(dir, &cname)) {
+                            // A renamed directory: its lower copies are where it came from.
+                            redirect = Some(r);
+                            break;
+                        }
                     }
                 }
                 Err(libc::ENOENT) => {}
@@ -225,16 +240,48 @@ impl Overlay {
                 break;
             }
         }
-        let Some((layer, st, dfd)) = top else {
+        if let Some(target) = redirect {
+            self.follow_redirect(&target, &child_path, &mut merged)?;
+        }
+        let Some((layer, st, dfd, real)) = top else {
             return Ok(None);
         };
         let ino = self.ino_of(layer, dfd.as_fd(), &cname, &st);
         Ok(Some(Resolved {
             layer,
+            real: (real != child_path).then_some(real),
             st,
             ino,
             merged,
         }))
+    }
+
+    /// Adds the lower copies of a renamed directory, found at `target` (its path before the
+    /// rename) in every lower layer, top first, down to the first opaque one.
+    fn follow_redirect(
+        &self,
+        target: &[u8],
+        merged_path: &[u8],
+        merged: &mut Vec<DirLayer>,
+    ) -> OvlResult<()> {
+        let shared: Arc<[u8]> = Arc::from(target);
+        for layer in 1..self.stack.len() as u16 {
+            let fd = match self.layer_dir(layer, target) {
+                Ok(fd) => fd,
+                Err(libc::ENOENT) | Err(libc::ENOTDIR) | Err(libc::ELOOP) => continue,
+                Err(e) => return Err(e),
+            };
+            let marks = whiteout::dir_marks(fd.as_fd());
+            merged.push(DirLayer {
+                layer,
+                xattr_whiteouts: marks.xattr_whiteouts,
+                path: (target != merged_path).then(|| shared.clone()),
+            });
+            if marks.opaque {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Our inode number for an object: from the identity it was copied up from, when the
@@ -273,6 +320,7 @@ impl Overlay {
         let ino = r.ino;
         let layer = r.layer;
         let merged = r.merged;
+        let real = r.real;
         self.nodes.lookup(ino, || {
             Node::new(
                 ino,
@@ -280,6 +328,7 @@ impl Overlay {
                 Location {
                     path: join(parent_path, name),
                     layer,
+                    real,
                     dir: is_dir.then(|| merged.into()),
                 },
             )
@@ -294,9 +343,9 @@ impl Overlay {
 
     fn stat_loc(&self, loc: &Location) -> OvlResult<libc::stat> {
         if loc.dir.is_some() {
-            sys::stat_fd(self.layer_dir(loc.layer, &loc.path)?.as_fd())
+            sys::stat_fd(self.layer_dir(loc.layer, loc.real_path())?.as_fd())
         } else {
-            let (parent, name) = loc.split();
+            let (parent, name) = loc.real_split();
             let dfd = self.layer_dir(loc.layer, parent)?;
             sys::stat_at(dfd.as_fd(), &sys::cstring(name)?)
         }
@@ -324,7 +373,7 @@ impl Overlay {
             return Err(libc::EINVAL);
         }
         let loc = node.loc.read().clone();
-        let (parent, name) = loc.split();
+        let (parent, name) = loc.real_split();
         let dfd = self.layer_dir(loc.layer, parent)?;
         sys::readlink_at(dfd.as_fd(), &sys::cstring(name)?)
     }
@@ -332,10 +381,10 @@ impl Overlay {
     /// A descriptor on the object itself (`O_PATH` unless `flags` asks for more).
     fn open_object(&self, loc: &Location, flags: i32) -> OvlResult<OwnedFd> {
         if loc.dir.is_some() && flags == libc::O_PATH {
-            let fd = self.layer_dir(loc.layer, &loc.path)?;
+            let fd = self.layer_dir(loc.layer, loc.real_path())?;
             return sys::dup(fd.as_fd());
         }
-        let (parent, name) = loc.split();
+        let (parent, name) = loc.real_split();
         let dfd = self.layer_dir(loc.layer, parent)?;
         sys::open_child(dfd.as_fd(), &sys::cstring(name)?, flags)
     }
@@ -435,7 +484,10 @@ impl Overlay {
         });
         let merged = dirmerge::merge(
             dirs,
-            |layer| Ok((self.layer_dir(layer, &loc.path)?, self.stack.get(layer).dev)),
+            |dl| {
+                let fd = self.layer_dir(dl.layer, dl.path_in_layer(&loc.path))?;
+                Ok((fd, self.stack.get(dl.layer).dev))
+            },
             &self.inos,
         )?;
         entries.extend(merged);
@@ -443,10 +495,10 @@ impl Overlay {
     }
 
     fn parent_ino(&self, loc: &Location) -> OvlResult<u64> {
-        let (parent, _) = loc.split();
-        if parent.is_empty() {
+        if !loc.path.contains(&b'/') {
             return Ok(ROOT_INO);
         }
+        let (parent, _) = loc.real_split();
         let st = sys::stat_fd(self.layer_dir(loc.layer, parent)?.as_fd())?;
         Ok(self.inos.ino(st.st_dev, st.st_ino))
     }
@@ -495,11 +547,11 @@ impl Overlay {
     fn object_at(&self, loc: &Location) -> OvlResult<(Arc<OwnedFd>, std::ffi::CString)> {
         if loc.dir.is_some() {
             Ok((
-                self.layer_dir(loc.layer, &loc.path)?,
+                self.layer_dir(loc.layer, loc.real_path())?,
                 std::ffi::CString::default(),
             ))
         } else {
-            let (parent, name) = loc.split();
+            let (parent, name) = loc.real_split();
             Ok((self.layer_dir(loc.layer, parent)?, sys::cstring(name)?))
         }
     }

@@ -86,7 +86,7 @@ impl Overlay {
             if dl.layer == 0 {
                 continue;
             }
-            let dfd = match self.layer_dir(dl.layer, &ploc.path) {
+            let dfd = match self.layer_dir(dl.layer, dl.path_in_layer(&ploc.path)) {
                 Ok(fd) => fd,
                 Err(libc::ENOENT) | Err(libc::ENOTDIR) => continue,
                 Err(e) => return Err(e),
@@ -152,10 +152,7 @@ impl Overlay {
         let st = sys::stat_at(pfd.as_fd(), &cname)?;
         let ino = self.inos.ino(st.st_dev, st.st_ino);
         let merged = if is_dir {
-            vec![DirLayer {
-                layer: 0,
-                xattr_whiteouts: false,
-            }]
+            vec![DirLayer::at_merged(0, false)]
         } else {
             Vec::new()
         };
@@ -164,6 +161,7 @@ impl Overlay {
             name,
             Resolved {
                 layer: 0,
+                real: None,
                 st,
                 ino,
                 merged,
@@ -361,7 +359,10 @@ impl Overlay {
     fn dir_has_entries(&self, path: &[u8], layers: &[DirLayer]) -> OvlResult<bool> {
         let entries = dirmerge::merge(
             layers,
-            |layer| Ok((self.layer_dir(layer, path)?, self.stack.get(layer).dev)),
+            |dl| {
+                let fd = self.layer_dir(dl.layer, dl.path_in_layer(path))?;
+                Ok((fd, self.stack.get(dl.layer).dev))
+            },
             &self.inos,
         )?;
         Ok(!entries.is_empty())
@@ -416,9 +417,14 @@ impl Overlay {
                 }
             }
         }
-        // A directory with lower parts would need a redirect; that lands separately.
-        let not_pure_upper = |r: &Resolved| r.is_dir() && r.merged.iter().any(|d| d.layer != 0);
-        if not_pure_upper(&src) || (exchange && dst.as_ref().is_some_and(not_pure_upper)) {
+        // A directory with lower parts moves by recording where its lower copies are (a
+        // redirect), as the kernel does with redirect_dir=on. Exchanging such directories is
+        // not supported yet and answers EXDEV, which callers handle by copying.
+        let lower_part = |r: &Resolved| r.merged.iter().find(|d| d.layer != 0).cloned();
+        let src_lower_dir = if src.is_dir() { lower_part(&src) } else { None };
+        if exchange
+            && (src_lower_dir.is_some() || dst.as_ref().is_some_and(|d| lower_part(d).is_some()))
+        {
             return Err(libc::EXDEV);
         }
         let src_node = self.node(src.ino)?;
@@ -436,6 +442,13 @@ impl Overlay {
         let (cname, cnew) = (sys::cstring(name)?, sys::cstring(newname)?);
         let old_path = join(&ploc.path, name);
         let new_path = join(&nploc.path, newname);
+        let mut redirected = false;
+        if let Some(dl) = &src_lower_dir {
+            if upper.read_redirect(pfd.as_fd(), &cname).is_none() {
+                upper.write_redirect(pfd.as_fd(), &cname, dl.path_in_layer(&old_path))?;
+            }
+            redirected = true;
+        }
         if exchange {
             sys::rename_at(
                 pfd.as_fd(),
@@ -469,7 +482,9 @@ impl Overlay {
             if src_lower && !use_rw {
                 upper.make_whiteout(pfd.as_fd(), name)?;
             }
-            if src.is_dir() && dst_lower {
+            // A directory moved over a name that lower layers hold must not merge with them;
+            // a redirected one already looks only where it came from.
+            if src.is_dir() && dst_lower && !redirected {
                 upper.make_opaque(npfd.as_fd(), newname)?;
             }
         }
@@ -483,7 +498,7 @@ impl Overlay {
     }
 
     /// After a rename in the upper layer: `node` and every held node below it move from
-    /// `old` to `new`.
+    /// `old` to `new` in the merged view, while their lower copies stay where they are.
     fn move_paths(&self, node: &Arc<Node>, old: &[u8], new: &[u8]) {
         if node.is_dir() {
             self.nodes.for_each(|n| {
@@ -491,14 +506,17 @@ impl Overlay {
                     return;
                 }
                 let mut l = n.loc.write();
-                if l.path.starts_with(old) && l.path.get(old.len()) == Some(&b'/') && l.layer == 0 {
+                if l.path.starts_with(old) && l.path.get(old.len()) == Some(&b'/') {
                     let mut p = new.to_vec();
                     p.extend_from_slice(&l.path[old.len()..]);
-                    l.path = p.into();
+                    let was = std::mem::replace(&mut l.path, p.into());
+                    pin_lower_paths(&mut l, &was);
                 }
             });
         }
-        node.loc.write().path = Box::from(new);
+        let mut l = node.loc.write();
+        let was = std::mem::replace(&mut l.path, Box::from(new));
+        pin_lower_paths(&mut l, &was);
     }
 
     /// Opens `node` for writing, copying it up first.
@@ -692,6 +710,27 @@ impl Overlay {
         let loc = node.loc.read().clone();
         let (dir, cname) = self.object_at(&loc)?;
         sys::remove_xattr_at(dir.as_fd(), &cname, &stored)
+    }
+}
+
+/// Before a node's merged path changes from `was`: record that its lower parts stay at their
+/// current paths.
+fn pin_lower_paths(l: &mut Location, was: &[u8]) {
+    if l.layer != 0 && l.real.is_none() {
+        l.real = Some(Box::from(was));
+    }
+    if let Some(dirs) = &l.dir {
+        let pinned: Vec<DirLayer> = dirs
+            .iter()
+            .map(|d| {
+                let mut d = d.clone();
+                if d.layer != 0 && d.path.is_none() {
+                    d.path = Some(Arc::from(was));
+                }
+                d
+            })
+            .collect();
+        l.dir = Some(pinned.into());
     }
 }
 
