@@ -1,7 +1,7 @@
 //! `strata demo`: two image layers, one mount, the merged view printed side by side.
 
 use std::fs;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -53,6 +53,8 @@ fn show(title: &str, root: &Path) -> Result<()> {
             println!("  {p} -> {}", fs::read_link(&full)?.display());
         } else if meta.is_dir() {
             println!("  {p}/");
+        } else if meta.file_type().is_char_device() && meta.rdev() == 0 {
+            println!("  {p} (whiteout)");
         } else {
             let body = fs::read_to_string(&full).unwrap_or_default();
             println!("  {p}: {}", body.trim_end());
@@ -95,7 +97,8 @@ pub fn run() -> Result<()> {
         tmp.path().join("app"),
         tmp.path().join("merged"),
     );
-    for d in [&base, &app, &mnt] {
+    let (upper, work) = (tmp.path().join("upper"), tmp.path().join("work"));
+    for d in [&base, &app, &mnt, &upper, &work] {
         fs::create_dir_all(d)?;
     }
     build_layers(&base, &app)?;
@@ -105,7 +108,13 @@ pub fn run() -> Result<()> {
     let bin = stratafs();
     let out = Command::new(&bin)
         .arg("-o")
-        .arg(format!("lowerdir={}:{}", app.display(), base.display()))
+        .arg(format!(
+            "lowerdir={}:{},upperdir={},workdir={}",
+            app.display(),
+            base.display(),
+            upper.display(),
+            work.display()
+        ))
         .arg(&mnt)
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
@@ -118,11 +127,20 @@ pub fn run() -> Result<()> {
     let guard = Mounted(mnt.clone());
     show(
         &format!(
-            "merged view at {} (stratafs -o lowerdir=app:base)",
+            "merged view at {} (stratafs -o lowerdir=app:base,upperdir=upper,...)",
             mnt.display()
         ),
         &mnt,
     )?;
+
+    // A container's writes: the first write copies the file up; a delete leaves a whiteout.
+    fs::write(mnt.join("etc/motd"), "hello from the container\n")?;
+    fs::remove_file(mnt.join("etc/os-release"))?;
+    fs::write(mnt.join("app/state"), "written at run time\n")?;
+    println!("-- wrote etc/motd, removed etc/os-release, created app/state");
+    show("merged view after the writes", &mnt)?;
     drop(guard);
+    show("upper layer (the container's changes)", &upper)?;
+    show("base layer, unchanged", &base)?;
     Ok(())
 }
