@@ -174,7 +174,12 @@ impl Overlay {
                 kind => sys::mknod_at(work, &tmp, kind | 0o600, st.st_rdev)?,
             }
             copy_metadata(src_dir, name, work, &tmp, st)?;
-            upper.write_origin(work, &tmp, st.st_dev, st.st_ino);
+            // A hard-linked lower file is split by copy-up (until the index lands): the copy
+            // is a different file and must not claim the original's inode number.
+            let is_dir = (st.st_mode & libc::S_IFMT) == libc::S_IFDIR;
+            if is_dir || st.st_nlink <= 1 {
+                upper.write_origin(work, &tmp, st.st_dev, st.st_ino);
+            }
             set_times(work, &tmp, st)?;
             match sys::rename_at(work, &tmp, dst_dir, dst_name, libc::RENAME_NOREPLACE) {
                 Ok(()) | Err(libc::EEXIST) => Ok(()),

@@ -321,18 +321,19 @@ impl Overlay {
         let layer = r.layer;
         let merged = r.merged;
         let real = r.real;
-        self.nodes.lookup(ino, || {
-            Node::new(
-                ino,
-                kind,
-                Location {
-                    path: join(parent_path, name),
-                    layer,
-                    real,
-                    dir: is_dir.then(|| merged.into()),
-                },
-            )
-        });
+        let loc = Location {
+            path: join(parent_path, name),
+            layer,
+            real,
+            dir: is_dir.then(|| merged.into()),
+        };
+        let node = self.nodes.lookup(ino, || Node::new(ino, kind, loc.clone()));
+        // The latest name wins: a hard link reached by another name, or an object moved in a
+        // way we did not see, is found where it is now.
+        if node.loc.read().path != loc.path {
+            let _guard = node.copy_lock.lock();
+            *node.loc.write() = loc;
+        }
         self.attr(r.st, ino, merged_dir)
     }
 

@@ -422,16 +422,17 @@ impl Overlay {
         // not supported yet and answers EXDEV, which callers handle by copying.
         let lower_part = |r: &Resolved| r.merged.iter().find(|d| d.layer != 0).cloned();
         let src_lower_dir = if src.is_dir() { lower_part(&src) } else { None };
-        if exchange
-            && (src_lower_dir.is_some() || dst.as_ref().is_some_and(|d| lower_part(d).is_some()))
-        {
-            return Err(libc::EXDEV);
-        }
-        let src_node = self.node(src.ino)?;
+        let dst_lower_dir = match (&dst, exchange) {
+            (Some(d), true) if d.is_dir() => lower_part(d),
+            _ => None,
+        };
+        let old_path = join(&ploc.path, name);
+        let new_path = join(&nploc.path, newname);
+        let src_node = self.node_for_name(&old_path, &src);
         self.copy_up(&src_node)?;
         let dst_node = match (&dst, exchange) {
             (Some(d), true) => {
-                let n = self.node(d.ino)?;
+                let n = self.node_for_name(&new_path, d);
                 self.copy_up(&n)?;
                 Some(n)
             }
@@ -440,8 +441,6 @@ impl Overlay {
         let pfd = self.ensure_upper_dir(&ploc.path)?;
         let npfd = self.ensure_upper_dir(&nploc.path)?;
         let (cname, cnew) = (sys::cstring(name)?, sys::cstring(newname)?);
-        let old_path = join(&ploc.path, name);
-        let new_path = join(&nploc.path, newname);
         let mut redirected = false;
         if let Some(dl) = &src_lower_dir {
             if upper.read_redirect(pfd.as_fd(), &cname).is_none() {
@@ -450,6 +449,11 @@ impl Overlay {
             redirected = true;
         }
         if exchange {
+            if let Some(dl) = &dst_lower_dir {
+                if upper.read_redirect(npfd.as_fd(), &cnew).is_none() {
+                    upper.write_redirect(npfd.as_fd(), &cnew, dl.path_in_layer(&new_path))?;
+                }
+            }
             sys::rename_at(
                 pfd.as_fd(),
                 &cname,
@@ -490,33 +494,65 @@ impl Overlay {
         }
         self.dirfds.invalidate_tree(0, &old_path);
         self.dirfds.invalidate_tree(0, &new_path);
-        self.move_paths(&src_node, &old_path, &new_path);
-        if let Some(dn) = dst_node {
-            self.move_paths(&dn, &new_path, &old_path);
-        }
+        self.move_paths(&src_node, dst_node.as_ref(), &old_path, &new_path);
         Ok(())
     }
 
-    /// After a rename in the upper layer: `node` and every held node below it move from
-    /// `old` to `new` in the merged view, while their lower copies stay where they are.
-    fn move_paths(&self, node: &Arc<Node>, old: &[u8], new: &[u8]) {
-        if node.is_dir() {
-            self.nodes.for_each(|n| {
-                if Arc::ptr_eq(n, node) {
-                    return;
-                }
-                let mut l = n.loc.write();
-                if l.path.starts_with(old) && l.path.get(old.len()) == Some(&b'/') {
-                    let mut p = new.to_vec();
-                    p.extend_from_slice(&l.path[old.len()..]);
-                    let was = std::mem::replace(&mut l.path, p.into());
-                    pin_lower_paths(&mut l, &was);
-                }
-            });
+    /// The node that stands for the entry `r` at merged `path`: the held node when it lives
+    /// at that path, else (a hard link reached by another name, or a node the kernel has
+    /// forgotten) a free-standing one, so that copy-up and rename act on this very name.
+    fn node_for_name(&self, path: &[u8], r: &Resolved) -> Arc<Node> {
+        if let Some(n) = self.nodes.get(r.ino) {
+            if *n.loc.read().path == *path {
+                return n;
+            }
         }
-        let mut l = node.loc.write();
-        let was = std::mem::replace(&mut l.path, Box::from(new));
-        pin_lower_paths(&mut l, &was);
+        Arc::new(Node::new(
+            r.ino,
+            r.st.st_mode & libc::S_IFMT,
+            Location {
+                path: Box::from(path),
+                layer: r.layer,
+                real: r.real.clone(),
+                dir: r.is_dir().then(|| r.merged.clone().into()),
+            },
+        ))
+    }
+
+    /// After a rename in the upper layer: `node` and every held node below it move from
+    /// `old` to `new` in the merged view (and, for an exchange, `other` and its descendants
+    /// the other way), while their lower copies stay where they are.
+    fn move_paths(&self, node: &Arc<Node>, other: Option<&Arc<Node>>, old: &[u8], new: &[u8]) {
+        let under = |p: &[u8], root: &[u8]| p.starts_with(root) && p.get(root.len()) == Some(&b'/');
+        let rebase = |p: &[u8], from: &[u8], to: &[u8]| -> Box<[u8]> {
+            let mut v = to.to_vec();
+            v.extend_from_slice(&p[from.len()..]);
+            v.into()
+        };
+        self.nodes.for_each(|n| {
+            if Arc::ptr_eq(n, node) || other.is_some_and(|o| Arc::ptr_eq(n, o)) {
+                return;
+            }
+            let mut l = n.loc.write();
+            let moved = if node.is_dir() && under(&l.path, old) {
+                Some(rebase(&l.path, old, new))
+            } else if other.is_some_and(|o| o.is_dir()) && under(&l.path, new) {
+                Some(rebase(&l.path, new, old))
+            } else {
+                None
+            };
+            if let Some(p) = moved {
+                let was = std::mem::replace(&mut l.path, p);
+                pin_lower_paths(&mut l, &was);
+            }
+        });
+        for (n, to) in [(Some(node), new), (other, old)] {
+            if let Some(n) = n {
+                let mut l = n.loc.write();
+                let was = std::mem::replace(&mut l.path, Box::from(to));
+                pin_lower_paths(&mut l, &was);
+            }
+        }
     }
 
     /// Opens `node` for writing, copying it up first.
