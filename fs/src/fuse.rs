@@ -20,6 +20,17 @@ use crate::overlay::{Attr, Creator, Overlay, SetAttr, SetTime};
 /// How long the kernel may trust names and attributes without asking again.
 const TTL: Duration = Duration::from_secs(1);
 
+/// Attribute lifetime for an object: directories' link counts change behind the kernel's
+/// back (copy-up of a parent merges it), so their attributes are not cached.
+fn attr_ttl(a: &Attr) -> &'static Duration {
+    const NONE: Duration = Duration::ZERO;
+    if (a.st.st_mode & libc::S_IFMT) == libc::S_IFDIR {
+        &NONE
+    } else {
+        &TTL
+    }
+}
+
 /// The `fuser::Filesystem` face of an [`Overlay`].
 #[derive(Debug)]
 pub struct StrataFuse {
@@ -92,7 +103,7 @@ impl Filesystem for StrataFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.ov.lookup(parent.0, name) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Ok(a) => reply.entry_with_ttls(attr_ttl(&a), &TTL, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -103,7 +114,7 @@ impl Filesystem for StrataFuse {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.ov.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(attr_ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -512,7 +523,7 @@ fn set_time(t: TimeOrNow) -> SetTime {
 
 fn entry(reply: ReplyEntry, r: Result<Attr, i32>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+        Ok(a) => reply.entry_with_ttls(attr_ttl(&a), &TTL, &file_attr(&a), Generation(0)),
         Err(e) => reply.error(errno(e)),
     }
 }

@@ -151,6 +151,9 @@ pub struct Node {
     pub loc: RwLock<Location>,
     /// Serialises copy-up of this node (and changes of its location).
     pub copy_lock: parking_lot::Mutex<()>,
+    /// Once its last name is gone: an `O_PATH` descriptor on the object, through which open
+    /// files keep working (fstat, ftruncate, fchmod).
+    pub orphan: parking_lot::Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
 }
 
 impl Node {
@@ -162,6 +165,7 @@ impl Node {
             lookups: AtomicU64::new(0),
             loc: RwLock::new(loc),
             copy_lock: parking_lot::Mutex::new(()),
+            orphan: parking_lot::Mutex::new(None),
         }
     }
 

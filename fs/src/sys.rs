@@ -91,6 +91,23 @@ pub fn create_child(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> 
     }
 }
 
+/// Opens object `name` in `dir` with `flags`; with an empty name, reopens `dir` itself (which
+/// may be an `O_PATH` descriptor on a file) through its `/proc/self/fd` link.
+pub fn reopen_at(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> SysResult<OwnedFd> {
+    if !name.is_empty() {
+        return open_child(dir, name, flags);
+    }
+    let (path, _) = proc_path(dir, name);
+    // SAFETY: valid C string.
+    let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        Err(last_errno())
+    } else {
+        // SAFETY: fresh descriptor from the kernel.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; an empty name stats `dir` itself.
 pub fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<libc::stat> {
     let mut st = MaybeUninit::<libc::stat>::uninit();

@@ -14,6 +14,7 @@ pub mod mount;
 pub mod scratch;
 pub mod snapshot;
 pub mod user;
+pub mod writes;
 
 pub use bin::{stratafs_bin, workspace_dir, PublicBin};
 pub use cmd::{run, run_timeout, sh, sh_ok, wait_for, with_timeout, CmdOutput};

@@ -181,8 +181,12 @@ impl Overlay {
                 upper.write_origin(work, &tmp, st.st_dev, st.st_ino);
             }
             set_times(work, &tmp, st)?;
+            // Copy-up is not a change the user made: the parent keeps its times, as in the
+            // kernel.
+            let parent_st = sys::stat_fd(dst_dir)?;
             match sys::rename_at(work, &tmp, dst_dir, dst_name, libc::RENAME_NOREPLACE) {
-                Ok(()) | Err(libc::EEXIST) => Ok(()),
+                Ok(()) => set_times(dst_dir, c"", &parent_st),
+                Err(libc::EEXIST) => Ok(()),
                 Err(e) => Err(e),
             }
         })();

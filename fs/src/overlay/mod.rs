@@ -362,6 +362,9 @@ impl Overlay {
             return Ok(self.attr(st, ino, merged));
         }
         let node = self.node(ino)?;
+        if let Some(fd) = node.orphan.lock().clone() {
+            return Ok(self.attr(sys::stat_fd(fd.as_fd())?, ino, false));
+        }
         let loc = node.loc.read().clone();
         let st = self.stat_loc(&loc)?;
         Ok(self.attr(st, ino, loc.is_merged_dir()))

@@ -273,7 +273,7 @@ impl Overlay {
         let cname = sys::cstring(name)?;
         if r.layer == 0 {
             // Keep the object reachable for open handles before its name goes away.
-            self.detach(r.ino);
+            self.detach(r.ino, pfd.as_fd(), &cname);
             if lower {
                 self.replace_with_whiteout(pfd.as_fd(), name, &cname)?;
             } else {
@@ -348,7 +348,6 @@ impl Overlay {
             // The old directory (with its whiteouts) now sits in the work dir.
             let _ = clear_child(work, &tmp);
             self.dirfds.invalidate_tree(0, &child_path);
-            self.detach(r.ino);
         } else {
             upper.make_whiteout(pfd.as_fd(), name)?;
         }
@@ -368,9 +367,19 @@ impl Overlay {
         Ok(!entries.is_empty())
     }
 
-    /// Marks a node whose last name went away: it lives on only through open handles.
-    fn detach(&self, ino: u64) {
-        let _ = ino;
+    /// Before the upper object at `dir/name` loses its last name: if the kernel still holds
+    /// its node there, keep a descriptor on it so that open files go on working.
+    fn detach(&self, ino: u64, dir: std::os::fd::BorrowedFd<'_>, name: &CStr) {
+        let Some(node) = self.nodes.get(ino) else {
+            return;
+        };
+        match sys::stat_at(dir, name) {
+            Ok(st) if st.st_nlink <= 1 || node.is_dir() => {}
+            _ => return,
+        }
+        if let Ok(fd) = sys::open_child(dir, name, libc::O_PATH) {
+            *node.orphan.lock() = Some(Arc::new(fd));
+        }
     }
 
     /// Renames `name` in `parent` to `newname` in `newparent` (`flags`: RENAME_NOREPLACE,
@@ -470,7 +479,16 @@ impl Overlay {
             }
             if let Some(d) = &dst {
                 if d.layer == 0 {
-                    self.detach(d.ino);
+                    self.detach(d.ino, npfd.as_fd(), &cnew);
+                    if d.is_dir() {
+                        // Its merged view is empty, but the upper copy may still hold
+                        // whiteouts; the real rename would refuse a non-empty target.
+                        let work = upper.work.as_fd();
+                        let tmp = upper.temp_name();
+                        sys::rename_at(npfd.as_fd(), &cnew, work, &tmp, 0)?;
+                        let _ = clear_child(work, &tmp);
+                        self.dirfds.invalidate_tree(0, &new_path);
+                    }
                 }
             }
             let use_rw = src_lower && upper.whiteout == WhiteoutFormat::CharDev;
@@ -675,9 +693,15 @@ impl Overlay {
     pub fn setattr(&self, ino: u64, set: &SetAttr, fh: Option<u64>) -> OvlResult<Attr> {
         self.upper()?;
         let node = self.node(ino)?;
-        self.copy_up(&node)?;
-        let loc = node.loc.read().clone();
-        let (dir, cname) = self.object_at(&loc)?;
+        let orphan = node.orphan.lock().clone();
+        let (dir, cname) = match orphan {
+            Some(fd) => (fd, CString::default()),
+            None => {
+                self.copy_up(&node)?;
+                let loc = node.loc.read().clone();
+                self.object_at(&loc)?
+            }
+        };
         if let Some(size) = set.size {
             if node.is_dir() {
                 return Err(libc::EISDIR);
@@ -690,7 +714,7 @@ impl Overlay {
                 .ok()
             });
             if via_handle.is_none() {
-                let f = File::from(sys::open_child(dir.as_fd(), &cname, libc::O_WRONLY)?);
+                let f = File::from(sys::reopen_at(dir.as_fd(), &cname, libc::O_WRONLY)?);
                 f.set_len(size)
                     .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
             }
@@ -715,7 +739,7 @@ impl Overlay {
                 &[timespec(set.atime), timespec(set.mtime)],
             )?;
         }
-        self.getattr(ino, None)
+        self.getattr(ino, fh)
     }
 
     /// Sets xattr `name` of `ino`.
