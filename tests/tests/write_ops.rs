@@ -1062,7 +1062,6 @@ fn rename_exchange_files() {
 }
 
 #[test]
-#[ignore = "not implemented: RENAME_EXCHANGE of directories with lower parts"]
 fn rename_exchange_dirs_with_lower_parts() {
     let sc = Scratch::new();
     let t = twin(&sc);
