@@ -117,6 +117,7 @@ impl Overlay {
         name: &OsStr,
         who: Creator,
         is_dir: bool,
+        want_mode: u32,
         make: impl FnOnce(&OwnedFd, &CStr) -> OvlResult<()>,
     ) -> OvlResult<Attr> {
         let upper = self.upper()?;
@@ -144,6 +145,11 @@ impl Overlay {
         match sys::chown_at(pfd.as_fd(), &cname, who.uid, gid) {
             Ok(()) | Err(libc::EPERM) | Err(libc::EINVAL) => {}
             Err(e) => return Err(e),
+        }
+        // chown clears set-id bits; the caller asked for them, so put them back.
+        let st0 = sys::stat_at(pfd.as_fd(), &cname)?;
+        if (st0.st_mode & libc::S_IFMT) != libc::S_IFLNK && want_mode & 0o6000 != 0 {
+            sys::chmod_at(pfd.as_fd(), &cname, want_mode & 0o7777)?;
         }
         // A new directory where a lower one was deleted must not show the old contents.
         if is_dir && had_whiteout && self.lower_has(&ploc, name)? {
@@ -178,7 +184,7 @@ impl Overlay {
         flags: i32,
         who: Creator,
     ) -> OvlResult<(Attr, u64)> {
-        let attr = self.create_entry(parent, name, who, false, |pfd, cname| {
+        let attr = self.create_entry(parent, name, who, false, mode, |pfd, cname| {
             sys::create_child(
                 pfd.as_fd(),
                 cname,
@@ -204,14 +210,14 @@ impl Overlay {
         rdev: u64,
         who: Creator,
     ) -> OvlResult<Attr> {
-        self.create_entry(parent, name, who, false, |pfd, cname| {
+        self.create_entry(parent, name, who, false, mode, |pfd, cname| {
             sys::mknod_at(pfd.as_fd(), cname, mode, rdev)
         })
     }
 
     /// Creates a directory.
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, who: Creator) -> OvlResult<Attr> {
-        self.create_entry(parent, name, who, true, |pfd, cname| {
+        self.create_entry(parent, name, who, true, mode, |pfd, cname| {
             sys::mkdir_at(pfd.as_fd(), cname, mode & 0o7777)
         })
     }
@@ -225,7 +231,7 @@ impl Overlay {
         who: Creator,
     ) -> OvlResult<Attr> {
         let target = sys::cstring(target)?;
-        self.create_entry(parent, name, who, false, |pfd, cname| {
+        self.create_entry(parent, name, who, false, 0o777, |pfd, cname| {
             sys::symlink_at(&target, pfd.as_fd(), cname)
         })
     }
