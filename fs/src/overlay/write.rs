@@ -78,6 +78,21 @@ impl Overlay {
         Ok(loc)
     }
 
+    /// Checks that `name` may be created in directory `parent` and is free there; returns the
+    /// parent's location.
+    fn free_name(&self, parent: u64, name: &[u8]) -> OvlResult<Location> {
+        Self::check_name(name)?;
+        if whiteout::is_marker_name(name) {
+            // The name would read back as a whiteout marker.
+            return Err(libc::EPERM);
+        }
+        let ploc = self.parent_loc(parent)?;
+        if self.resolve(&ploc, name)?.is_some() {
+            return Err(libc::EEXIST);
+        }
+        Ok(ploc)
+    }
+
     /// Whether a layer below the upper one holds `name` in the directory at `ploc`, so that
     /// removing the name must leave a whiteout.
     fn lower_has(&self, ploc: &Location, name: &[u8]) -> OvlResult<bool> {
@@ -122,15 +137,7 @@ impl Overlay {
     ) -> OvlResult<Attr> {
         let upper = self.upper()?;
         let name = name.as_bytes();
-        Self::check_name(name)?;
-        if whiteout::is_marker_name(name) {
-            // The name would read back as a whiteout marker.
-            return Err(libc::EPERM);
-        }
-        let ploc = self.parent_loc(parent)?;
-        if self.resolve(&ploc, name)?.is_some() {
-            return Err(libc::EEXIST);
-        }
+        let ploc = self.free_name(parent, name)?;
         let pfd = self.ensure_upper_dir(&ploc.path)?;
         let had_whiteout = upper.remove_whiteout(pfd.as_fd(), name)?;
         let cname = sys::cstring(name)?;
@@ -244,14 +251,7 @@ impl Overlay {
             return Err(libc::EPERM);
         }
         let name = newname.as_bytes();
-        Self::check_name(name)?;
-        if whiteout::is_marker_name(name) {
-            return Err(libc::EPERM);
-        }
-        let ploc = self.parent_loc(newparent)?;
-        if self.resolve(&ploc, name)?.is_some() {
-            return Err(libc::EEXIST);
-        }
+        let ploc = self.free_name(newparent, name)?;
         self.copy_up(&node)?;
         let loc = node.loc.read().clone();
         let (sparent, sname) = loc.split();
