@@ -436,8 +436,13 @@ impl Overlay {
         }
     }
 
-    /// Reads up to `size` bytes at `offset` from open file `fh`.
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> OvlResult<Vec<u8>> {
+    /// Runs `f` on the current descriptor of open file `fh` (the upper copy once the file
+    /// has been copied up).
+    pub(crate) fn with_current_fd<T>(
+        &self,
+        fh: u64,
+        f: impl FnOnce(&File) -> OvlResult<T>,
+    ) -> OvlResult<T> {
         let h = self.open_file(fh)?;
         let Handle::File(of) = h.as_ref() else {
             return Err(libc::EISDIR);
@@ -446,20 +451,32 @@ impl Overlay {
             self.refresh(of)?;
         }
         let file = of.file.read();
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0usize;
-        while done < buf.len() {
-            match file.1.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
-            }
-        }
-        buf.truncate(done);
-        Ok(buf)
+        f(&file.1)
     }
 
+    /// Reads up to `size` bytes at `offset` from open file `fh`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> OvlResult<Vec<u8>> {
+        self.with_current_fd(fh, |file| read_full(file, offset, size))
+    }
+}
+
+/// Reads up to `size` bytes at `offset`, short only at end of file.
+fn read_full(file: &File, offset: u64, size: u32) -> OvlResult<Vec<u8>> {
+    let mut buf = vec![0u8; size as usize];
+    let mut done = 0usize;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
+impl Overlay {
     /// Closes handle `fh` (file or directory).
     pub fn release(&self, fh: u64) {
         self.handles.remove(fh);

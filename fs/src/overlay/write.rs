@@ -608,17 +608,10 @@ impl Overlay {
 
     /// Writes `data` at `offset` through handle `fh`.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> OvlResult<u32> {
-        let h = self.open_file(fh)?;
-        let Handle::File(of) = h.as_ref() else {
-            return Err(libc::EISDIR);
-        };
-        if !of.writable {
-            return Err(libc::EBADF);
-        }
-        let file = of.file.read();
-        file.1
-            .write_all_at(data, offset)
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        self.with_writable_fd(fh, |file| {
+            file.write_all_at(data, offset)
+                .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+        })?;
         Ok(data.len() as u32)
     }
 
@@ -665,21 +658,15 @@ impl Overlay {
 
     /// `lseek(2)` with `SEEK_DATA`/`SEEK_HOLE` (and the plain whences) on handle `fh`.
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> OvlResult<i64> {
-        let h = self.open_file(fh)?;
-        let Handle::File(of) = h.as_ref() else {
-            return Err(libc::EISDIR);
-        };
-        if !of.writable {
-            self.refresh(of)?;
-        }
-        let file = of.file.read();
-        // SAFETY: plain lseek on our descriptor.
-        let r = unsafe { libc::lseek(file.1.as_raw_fd(), offset, whence) };
-        if r < 0 {
-            Err(errno())
-        } else {
-            Ok(r)
-        }
+        self.with_current_fd(fh, |file| {
+            // SAFETY: plain lseek on our descriptor.
+            let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+            if r < 0 {
+                Err(errno())
+            } else {
+                Ok(r)
+            }
+        })
     }
 
     /// Copies a range between two open handles.
