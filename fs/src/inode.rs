@@ -107,6 +107,10 @@ pub struct Location {
     /// For directories: every layer's copy that merges into it, top first, ending at the
     /// first opaque one.
     pub dir: Option<Box<[DirLayer]>>,
+    /// An `O_PATH` descriptor on the (upper) object, set when `path` stopped naming it (the
+    /// name was unlinked or replaced while the kernel still holds the node: an open file, or
+    /// a hard link reached by another name). The object is then reached through it.
+    pub pinned: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Splits a layer-relative path into parent path and final name.
@@ -151,9 +155,6 @@ pub struct Node {
     pub loc: RwLock<Location>,
     /// Serialises copy-up of this node (and changes of its location).
     pub copy_lock: parking_lot::Mutex<()>,
-    /// Once its last name is gone: an `O_PATH` descriptor on the object, through which open
-    /// files keep working (fstat, ftruncate, fchmod).
-    pub orphan: parking_lot::Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
 }
 
 impl Node {
@@ -165,7 +166,6 @@ impl Node {
             lookups: AtomicU64::new(0),
             loc: RwLock::new(loc),
             copy_lock: parking_lot::Mutex::new(()),
-            orphan: parking_lot::Mutex::new(None),
         }
     }
 
@@ -270,6 +270,7 @@ mod tests {
             layer: 0,
             real: None,
             dir: None,
+            pinned: None,
         };
         t.lookup(7, || Node::new(7, libc::S_IFREG, loc.clone()));
         t.lookup(7, || unreachable!());

@@ -320,6 +320,22 @@ pub fn link_at(
     check(unsafe { libc::linkat(o, oname.as_ptr(), n, nname.as_ptr(), 0) })
 }
 
+/// Gives the object open (possibly `O_PATH`) at `fd` the new name `ndir/nname`, through its
+/// `/proc/self/fd` link (which, unlike `AT_EMPTY_PATH`, needs no privilege).
+pub fn link_fd(fd: BorrowedFd<'_>, ndir: BorrowedFd<'_>, nname: &CStr) -> SysResult<()> {
+    let (path, _) = proc_path(fd, c"");
+    // SAFETY: valid fds and C strings.
+    check(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            ndir.as_raw_fd(),
+            nname.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+}
+
 /// `renameat2(odir, oname, ndir, nname, flags)`.
 pub fn rename_at(
     odir: BorrowedFd<'_>,

@@ -118,6 +118,7 @@ impl Overlay {
                 layer: 0,
                 real: None,
                 dir: Some(dirs.into()),
+                pinned: None,
             },
         ));
         Ok(ov)
@@ -326,6 +327,7 @@ impl Overlay {
             layer,
             real,
             dir: is_dir.then(|| merged.into()),
+            pinned: None,
         };
         let node = self.nodes.lookup(ino, || Node::new(ino, kind, loc.clone()));
         // The latest name wins: a hard link reached by another name, or an object moved in a
@@ -343,13 +345,8 @@ impl Overlay {
     }
 
     fn stat_loc(&self, loc: &Location) -> OvlResult<libc::stat> {
-        if loc.dir.is_some() {
-            sys::stat_fd(self.layer_dir(loc.layer, loc.real_path())?.as_fd())
-        } else {
-            let (parent, name) = loc.real_split();
-            let dfd = self.layer_dir(loc.layer, parent)?;
-            sys::stat_at(dfd.as_fd(), &sys::cstring(name)?)
-        }
+        let (dir, name) = self.object_at(loc)?;
+        sys::stat_at(dir.as_fd(), &name)
     }
 
     /// Current attributes of `ino`; through open handle `fh` when given, which keeps working
@@ -362,9 +359,6 @@ impl Overlay {
             return Ok(self.attr(st, ino, merged));
         }
         let node = self.node(ino)?;
-        if let Some(fd) = node.orphan.lock().clone() {
-            return Ok(self.attr(sys::stat_fd(fd.as_fd())?, ino, false));
-        }
         let loc = node.loc.read().clone();
         let st = self.stat_loc(&loc)?;
         Ok(self.attr(st, ino, loc.is_merged_dir()))
@@ -377,13 +371,15 @@ impl Overlay {
             return Err(libc::EINVAL);
         }
         let loc = node.loc.read().clone();
-        let (parent, name) = loc.real_split();
-        let dfd = self.layer_dir(loc.layer, parent)?;
-        sys::readlink_at(dfd.as_fd(), &sys::cstring(name)?)
+        let (dir, name) = self.object_at(&loc)?;
+        sys::readlink_at(dir.as_fd(), &name)
     }
 
     /// A descriptor on the object itself (`O_PATH` unless `flags` asks for more).
     fn open_object(&self, loc: &Location, flags: i32) -> OvlResult<OwnedFd> {
+        if let Some(fd) = &loc.pinned {
+            return sys::reopen_at(fd.as_fd(), c"", flags);
+        }
         if loc.dir.is_some() && flags == libc::O_PATH {
             let fd = self.layer_dir(loc.layer, loc.real_path())?;
             return sys::dup(fd.as_fd());
@@ -564,9 +560,11 @@ impl Overlay {
     }
 
     /// The directory descriptor and name through which the `*at` calls reach `loc`'s object
-    /// (a directory is reached as itself, with an empty name).
+    /// (a directory, or a pinned object, is reached as itself, with an empty name).
     fn object_at(&self, loc: &Location) -> OvlResult<(Arc<OwnedFd>, std::ffi::CString)> {
-        if loc.dir.is_some() {
+        if let Some(fd) = &loc.pinned {
+            Ok((fd.clone(), std::ffi::CString::default()))
+        } else if loc.dir.is_some() {
             Ok((
                 self.layer_dir(loc.layer, loc.real_path())?,
                 std::ffi::CString::default(),

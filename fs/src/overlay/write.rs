@@ -254,12 +254,17 @@ impl Overlay {
         let ploc = self.free_name(newparent, name)?;
         self.copy_up(&node)?;
         let loc = node.loc.read().clone();
-        let (sparent, sname) = loc.split();
-        let sfd = self.layer_dir(0, sparent)?;
         let pfd = self.ensure_upper_dir(&ploc.path)?;
         upper.remove_whiteout(pfd.as_fd(), name)?;
         let cname = sys::cstring(name)?;
-        sys::link_at(sfd.as_fd(), &sys::cstring(sname)?, pfd.as_fd(), &cname)?;
+        match &loc.pinned {
+            Some(fd) => sys::link_fd(fd.as_fd(), pfd.as_fd(), &cname)?,
+            None => {
+                let (sparent, sname) = loc.split();
+                let sfd = self.layer_dir(0, sparent)?;
+                sys::link_at(sfd.as_fd(), &sys::cstring(sname)?, pfd.as_fd(), &cname)?;
+            }
+        }
         node.add_lookup();
         let st = sys::stat_at(pfd.as_fd(), &cname)?;
         Ok(self.attr(st, ino, false))
@@ -279,7 +284,7 @@ impl Overlay {
         let cname = sys::cstring(name)?;
         if r.layer == 0 {
             // Keep the object reachable for open handles before its name goes away.
-            self.detach(r.ino, pfd.as_fd(), &cname);
+            self.detach(r.ino, &join(&ploc.path, name), pfd.as_fd(), &cname);
             if lower {
                 self.replace_with_whiteout(pfd.as_fd(), name, &cname)?;
             } else {
@@ -336,6 +341,7 @@ impl Overlay {
         let cname = sys::cstring(name)?;
         let work = upper.work.as_fd();
         if r.layer == 0 {
+            self.detach(r.ino, &child_path, pfd.as_fd(), &cname);
             let tmp = upper.temp_name();
             if lower && upper.whiteout == WhiteoutFormat::CharDev {
                 sys::mknod_at(work, &tmp, libc::S_IFCHR, 0)?;
@@ -373,18 +379,20 @@ impl Overlay {
         Ok(!entries.is_empty())
     }
 
-    /// Before the upper object at `dir/name` loses its last name: if the kernel still holds
-    /// its node there, keep a descriptor on it so that open files go on working.
-    fn detach(&self, ino: u64, dir: std::os::fd::BorrowedFd<'_>, name: &CStr) {
+    /// Before the upper object at merged `path` (`dir/name` in the upper layer) loses that
+    /// name: if the kernel holds its node under that name, pin the node to the object so
+    /// that open files and other names of it go on working.
+    fn detach(&self, ino: u64, path: &[u8], dir: std::os::fd::BorrowedFd<'_>, name: &CStr) {
         let Some(node) = self.nodes.get(ino) else {
             return;
         };
-        match sys::stat_at(dir, name) {
-            Ok(st) if st.st_nlink <= 1 || node.is_dir() => {}
-            _ => return,
+        let _guard = node.copy_lock.lock();
+        let mut loc = node.loc.write();
+        if *loc.path != *path || loc.layer != 0 || loc.pinned.is_some() {
+            return;
         }
         if let Ok(fd) = sys::open_child(dir, name, libc::O_PATH) {
-            *node.orphan.lock() = Some(Arc::new(fd));
+            loc.pinned = Some(Arc::new(fd));
         }
     }
 
@@ -476,6 +484,16 @@ impl Overlay {
                 &cnew,
                 libc::RENAME_EXCHANGE,
             )?;
+            // A directory without lower parts now stands where lower layers may hold the
+            // name: it must not merge with them (a redirected one looks only where it came
+            // from).
+            if src.is_dir() && src_lower_dir.is_none() && self.lower_has(&nploc, newname)? {
+                upper.make_opaque(npfd.as_fd(), newname)?;
+            }
+            let dst_is_dir = dst.as_ref().is_some_and(|d| d.is_dir());
+            if dst_is_dir && dst_lower_dir.is_none() && self.lower_has(&ploc, name)? {
+                upper.make_opaque(pfd.as_fd(), name)?;
+            }
         } else {
             let src_lower = self.lower_has(&ploc, name)?;
             let dst_lower = self.lower_has(&nploc, newname)?;
@@ -485,7 +503,7 @@ impl Overlay {
             }
             if let Some(d) = &dst {
                 if d.layer == 0 {
-                    self.detach(d.ino, npfd.as_fd(), &cnew);
+                    self.detach(d.ino, &new_path, npfd.as_fd(), &cnew);
                     if d.is_dir() {
                         // Its merged view is empty, but the upper copy may still hold
                         // whiteouts; the real rename would refuse a non-empty target.
@@ -539,6 +557,7 @@ impl Overlay {
                 layer: r.layer,
                 real: r.real.clone(),
                 dir: r.is_dir().then(|| r.merged.clone().into()),
+                pinned: None,
             },
         ))
     }
@@ -686,15 +705,9 @@ impl Overlay {
     pub fn setattr(&self, ino: u64, set: &SetAttr, fh: Option<u64>) -> OvlResult<Attr> {
         self.upper()?;
         let node = self.node(ino)?;
-        let orphan = node.orphan.lock().clone();
-        let (dir, cname) = match orphan {
-            Some(fd) => (fd, CString::default()),
-            None => {
-                self.copy_up(&node)?;
-                let loc = node.loc.read().clone();
-                self.object_at(&loc)?
-            }
-        };
+        self.copy_up(&node)?;
+        let loc = node.loc.read().clone();
+        let (dir, cname) = self.object_at(&loc)?;
         if let Some(size) = set.size {
             if node.is_dir() {
                 return Err(libc::EISDIR);
