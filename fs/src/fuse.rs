@@ -112,8 +112,8 @@ impl Filesystem for StrataFuse {
         self.ov.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.ov.getattr(ino.0, fh.map(|f| f.0)) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.ov.getattr(ino.0) {
             Ok(a) => reply.attr(attr_ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
         }

@@ -37,12 +37,19 @@ pub struct Upper {
     pub whiteout: WhiteoutFormat,
     /// Namespace of the private xattrs.
     pub xattr_ns: XattrNs,
+    /// Descriptor of `workdir/index`, where copied-up lower hard links live under their
+    /// origin's identity (as kernel overlayfs's `index=on`); `None` without private xattrs.
+    pub index: Option<OwnedFd>,
+    /// Serialises updates of the overlay link counts kept on indexed files.
+    pub index_lock: parking_lot::Mutex<()>,
     origin: Option<CString>,
     redirect: Option<CString>,
+    nlink: Option<CString>,
     next_tmp: AtomicU64,
 }
 
 const WORK_SUBDIR: &CStr = c"work";
+const INDEX_SUBDIR: &CStr = c"index";
 
 impl Upper {
     /// Prepares `workdir/work` (clearing what a crash left there) and probes what the upper
@@ -60,17 +67,57 @@ impl Upper {
         let work = sys::open_child(workdir, WORK_SUBDIR, libc::O_PATH | libc::O_DIRECTORY)?;
         let whiteout = forced.unwrap_or_else(|| probe_chardev(work.as_fd()));
         let xattr_ns = probe_xattr_ns(work.as_fd(), upper);
+        let index = if xattr_ns == XattrNs::None {
+            None
+        } else {
+            // SAFETY: valid fd and C string.
+            let r = unsafe { libc::mkdirat(workdir.as_raw_fd(), INDEX_SUBDIR.as_ptr(), 0o700) };
+            if r < 0 && errno() != libc::EEXIST {
+                return Err(errno());
+            }
+            Some(sys::open_child(
+                workdir,
+                INDEX_SUBDIR,
+                libc::O_PATH | libc::O_DIRECTORY,
+            )?)
+        };
         let mut up = Upper {
             work,
             whiteout,
             xattr_ns,
+            index,
+            index_lock: parking_lot::Mutex::new(()),
             origin: None,
             redirect: None,
+            nlink: None,
             next_tmp: AtomicU64::new(0),
         };
         up.origin = up.private_xattr("strata.origin");
         up.redirect = up.private_xattr("redirect");
+        up.nlink = up.private_xattr("strata.nlink");
         Ok(up)
+    }
+
+    /// The index entry name of the lower object `(dev, ino)`.
+    pub fn index_name(dev: u64, ino: u64) -> CString {
+        CString::new(format!("{dev:x}-{ino:x}")).expect("no NUL")
+    }
+
+    /// The difference between the overlay's link count of an indexed file and its upper
+    /// link count (the index entry itself, and lower names not yet linked up, make them
+    /// differ), as recorded on the file; kept relative, like the kernel's `overlay.nlink`
+    /// ("U-1"), so that plain link and unlink in the upper layer need no update.
+    pub fn read_nlink_diff(&self, dir: BorrowedFd<'_>, name: &CStr) -> Option<i64> {
+        let x = self.nlink.as_ref()?;
+        let v = sys::get_xattr_at(dir, name, x).ok()?;
+        let s = std::str::from_utf8(&v).ok()?;
+        s.strip_prefix('U')?.parse().ok()
+    }
+
+    /// Records the link-count difference (see [`Upper::read_nlink_diff`]).
+    pub fn write_nlink_diff(&self, dir: BorrowedFd<'_>, name: &CStr, diff: i64) -> SysResult<()> {
+        let x = self.nlink.as_ref().ok_or(libc::ENOTSUP)?;
+        sys::set_xattr_at(dir, name, x, format!("U{diff:+}").as_bytes(), 0)
     }
 
     /// The identity `(dev, ino)` an upper object was copied up from, if it records one.

@@ -317,7 +317,6 @@ fn link_lower_file() {
 }
 
 #[test]
-#[ignore = "not implemented: lower hard links are split by copy-up (kernel index=on keeps them together)"]
 fn lower_hardlinks_stay_together_after_copy_up() {
     let sc = Scratch::new();
     let t = Twin::new(&sc, 1, |ls| {

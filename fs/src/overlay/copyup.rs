@@ -10,7 +10,7 @@ use std::ffi::CStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use super::{Overlay, OvlResult};
+use super::{Overlay, OvlResult, INDEX_LAYER};
 use crate::inode::{DirLayer, Node};
 use crate::sys;
 use crate::upper::{clear_child, Upper};
@@ -38,12 +38,26 @@ impl Overlay {
         }
         let (parent, name) = loc.split();
         let pfd = self.ensure_upper_dir(parent)?;
-        let (src_parent, src_name) = loc.real_split();
-        let src_dir = self.layer_dir(loc.layer, src_parent)?;
-        let src_cname = sys::cstring(src_name)?;
-        let st = sys::stat_at(src_dir.as_fd(), &src_cname)?;
         let cname = sys::cstring(name)?;
-        self.copy_object(upper, src_dir.as_fd(), &src_cname, &st, pfd.as_fd(), &cname)?;
+        let (src_parent, src_name) = loc.real_split();
+        let src_cname = sys::cstring(src_name)?;
+        if loc.layer == INDEX_LAYER {
+            self.link_up(upper, &src_cname, pfd.as_fd(), &cname)?;
+        } else {
+            let src_dir = self.layer_dir(loc.layer, src_parent)?;
+            let st = sys::stat_at(src_dir.as_fd(), &src_cname)?;
+            if self.indexes(&st) {
+                let key = Upper::index_name(st.st_dev, st.st_ino);
+                let index = self.layer_dir(INDEX_LAYER, b"")?;
+                if sys::stat_at(index.as_fd(), &key).is_err() {
+                    self.copy_object(upper, src_dir.as_fd(), &src_cname, &st, index.as_fd(), &key)?;
+                }
+                self.link_up(upper, &key, pfd.as_fd(), &cname)?;
+                self.show_index(node, &key);
+            } else {
+                self.copy_object(upper, src_dir.as_fd(), &src_cname, &st, pfd.as_fd(), &cname)?;
+            }
+        }
         let mut l = node.loc.write();
         l.layer = 0;
         l.real = None;
@@ -53,6 +67,45 @@ impl Overlay {
             l.dir = Some(v.into());
         }
         Ok(())
+    }
+
+    /// Gives the indexed upper copy `key` the upper name `dst_dir/dst_name` (the copy-up of
+    /// one name of a lower hard link whose data is already up): no data moves, and the name
+    /// stops counting as a lower one in the overlay's link count.
+    fn link_up(
+        &self,
+        upper: &Upper,
+        key: &CStr,
+        dst_dir: BorrowedFd<'_>,
+        dst_name: &CStr,
+    ) -> OvlResult<()> {
+        let index = self.layer_dir(INDEX_LAYER, b"")?;
+        let _guard = upper.index_lock.lock();
+        let parent_st = sys::stat_fd(dst_dir)?;
+        match sys::link_at(index.as_fd(), key, dst_dir, dst_name) {
+            Ok(()) => {}
+            Err(libc::EEXIST) => return Ok(()), // another thread linked this name up
+            Err(e) => return Err(e),
+        }
+        set_times(dst_dir, c"", &parent_st)?;
+        let diff = upper.read_nlink_diff(index.as_fd(), key).unwrap_or(0);
+        upper.write_nlink_diff(index.as_fd(), key, diff - 1)
+    }
+
+    /// After the index entry `key` appeared for `node`'s lower object: the node the kernel
+    /// holds for that object under another name must read the upper copy from now on.
+    fn show_index(&self, node: &Node, key: &CStr) {
+        let Some(held) = self.nodes.get(node.ino) else {
+            return;
+        };
+        if std::ptr::eq(held.as_ref(), node) {
+            return;
+        }
+        let mut l = held.loc.write();
+        if l.layer != 0 && l.layer != INDEX_LAYER {
+            l.layer = INDEX_LAYER;
+            l.real = Some(Box::from(key.to_bytes()));
+        }
     }
 
     /// Ensures the merged directory at `path` exists in the upper layer, copying up each
@@ -174,10 +227,14 @@ impl Overlay {
                 kind => sys::mknod_at(work, &tmp, kind | 0o600, st.st_rdev)?,
             }
             copy_metadata(src_dir, name, work, &tmp, st)?;
-            // A hard-linked lower file is split by copy-up (until the index lands): the copy
-            // is a different file and must not claim the original's inode number.
             let is_dir = (st.st_mode & libc::S_IFMT) == libc::S_IFDIR;
-            if is_dir || st.st_nlink <= 1 {
+            if self.indexes(st) {
+                // The index entry is the only upper name yet; every lower name counts.
+                upper.write_nlink_diff(work, &tmp, st.st_nlink as i64 - 1)?;
+            }
+            // Without an index, copy-up splits a hard link: the copy is another file and
+            // must not claim the original's inode number.
+            if is_dir || st.st_nlink <= 1 || self.indexes(st) {
                 upper.write_origin(work, &tmp, st.st_dev, st.st_ino);
             }
             set_times(work, &tmp, st)?;

@@ -32,6 +32,11 @@ pub type OvlResult<T> = Result<T, i32>;
 /// Directory descriptors kept open at most; the rest are reopened on demand.
 const DIR_FD_CACHE: usize = 1024;
 
+/// The pseudo-layer of index entries: a [`Location`] in it names an entry of the work
+/// directory's index (its `real` path is the entry's name), which is the upper copy of a
+/// lower hard link not yet linked up under this name.
+pub(crate) const INDEX_LAYER: u16 = u16::MAX;
+
 /// Attributes as the mount reports them: the real object's, with our inode number and the
 /// overlay's link count rules applied.
 #[derive(Debug, Clone, Copy)]
@@ -142,6 +147,13 @@ impl Overlay {
     /// the layer.
     fn layer_dir(&self, layer: u16, path: &[u8]) -> OvlResult<Arc<OwnedFd>> {
         self.dirfds.get_or_open(layer, path, || {
+            if layer == INDEX_LAYER {
+                let index = self.upper.as_ref().and_then(|u| u.index.as_ref());
+                return match index {
+                    Some(fd) if path.is_empty() => sys::dup(fd.as_fd()),
+                    _ => Err(libc::ENOENT),
+                };
+            }
             let root = self.stack.get(layer).fd();
             if path.is_empty() {
                 sys::dup(root)
@@ -244,10 +256,27 @@ impl Overlay {
         if let Some(target) = redirect {
             self.follow_redirect(&target, &child_path, &mut merged)?;
         }
-        let Some((layer, st, dfd, real)) = top else {
+        let Some((layer, mut st, dfd, real)) = top else {
             return Ok(None);
         };
         let ino = self.ino_of(layer, dfd.as_fd(), &cname, &st);
+        if layer != 0 && self.indexes(&st) {
+            // A lower hard link: once one of its names was copied up, every name shows the
+            // indexed upper copy.
+            let key = Upper::index_name(st.st_dev, st.st_ino);
+            let index = self.layer_dir(INDEX_LAYER, b"")?;
+            if let Ok(mut ist) = sys::stat_at(index.as_fd(), &key) {
+                self.fix_nlink(INDEX_LAYER, index.as_fd(), &key, &mut ist);
+                return Ok(Some(Resolved {
+                    layer: INDEX_LAYER,
+                    real: Some(Box::from(key.to_bytes())),
+                    st: ist,
+                    ino,
+                    merged,
+                }));
+            }
+        }
+        self.fix_nlink(layer, dfd.as_fd(), &cname, &mut st);
         Ok(Some(Resolved {
             layer,
             real: (real != child_path).then_some(real),
@@ -283,6 +312,41 @@ impl Overlay {
             }
         }
         Ok(())
+    }
+
+    /// Whether copy-up of the lower object `st` goes through the index: a hard-linked
+    /// non-directory, when the upper layer can keep an index.
+    pub(crate) fn indexes(&self, st: &libc::stat) -> bool {
+        (st.st_mode & libc::S_IFMT) != libc::S_IFDIR
+            && st.st_nlink > 1
+            && self.upper.as_ref().is_some_and(|u| u.index.is_some())
+    }
+
+    /// Turns the upper link count of an indexed file at `dir/name` in `layer` into the
+    /// overlay's: the index entry is not a name, and lower names not yet linked up are.
+    pub(crate) fn fix_nlink(
+        &self,
+        layer: u16,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &CStr,
+        st: &mut libc::stat,
+    ) {
+        // A pinned object (reached as itself, with an empty name) may be an indexed file
+        // whose last upper name is gone.
+        let candidate = layer == INDEX_LAYER
+            || (layer == 0
+                && (st.st_nlink > 1 || name.is_empty())
+                && (st.st_mode & libc::S_IFMT) != libc::S_IFDIR);
+        let Some(up) = self
+            .upper
+            .as_ref()
+            .filter(|u| candidate && u.index.is_some())
+        else {
+            return;
+        };
+        if let Some(diff) = up.read_nlink_diff(dir, name) {
+            st.st_nlink = (st.st_nlink as i64 + diff).max(0) as libc::nlink_t;
+        }
     }
 
     /// Our inode number for an object: from the identity it was copied up from, when the
@@ -346,18 +410,14 @@ impl Overlay {
 
     fn stat_loc(&self, loc: &Location) -> OvlResult<libc::stat> {
         let (dir, name) = self.object_at(loc)?;
-        sys::stat_at(dir.as_fd(), &name)
+        let mut st = sys::stat_at(dir.as_fd(), &name)?;
+        self.fix_nlink(loc.layer, dir.as_fd(), &name, &mut st);
+        Ok(st)
     }
 
-    /// Current attributes of `ino`; through open handle `fh` when given, which keeps working
-    /// after the name is gone.
-    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> OvlResult<Attr> {
-        if let Some(Handle::File(of)) = fh.and_then(|fh| self.handles.get(fh)).as_deref() {
-            self.refresh(of)?;
-            let st = sys::stat_fd(of.file.read().1.as_fd())?;
-            let merged = false;
-            return Ok(self.attr(st, ino, merged));
-        }
+    /// Current attributes of `ino` (also after its name is gone: the node is then pinned to
+    /// its object).
+    pub fn getattr(&self, ino: u64) -> OvlResult<Attr> {
         let node = self.node(ino)?;
         let loc = node.loc.read().clone();
         let st = self.stat_loc(&loc)?;

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use super::{join, Attr, Overlay, OvlResult, Resolved};
+use super::{join, Attr, Overlay, OvlResult, Resolved, INDEX_LAYER};
 use crate::dirmerge;
 use crate::handles::{Handle, OpenFile};
 use crate::inode::{DirLayer, Location, Node};
@@ -266,7 +266,8 @@ impl Overlay {
             }
         }
         node.add_lookup();
-        let st = sys::stat_at(pfd.as_fd(), &cname)?;
+        let mut st = sys::stat_at(pfd.as_fd(), &cname)?;
+        self.fix_nlink(0, pfd.as_fd(), &cname, &mut st);
         Ok(self.attr(st, ino, false))
     }
 
@@ -279,12 +280,14 @@ impl Overlay {
         if r.is_dir() {
             return Err(libc::EISDIR);
         }
+        let path = join(&ploc.path, name);
+        let layer = self.link_up_before_removal(&path, &r)?;
         let lower = self.lower_has(&ploc, name)?;
         let pfd = self.ensure_upper_dir(&ploc.path)?;
         let cname = sys::cstring(name)?;
-        if r.layer == 0 {
+        if layer == 0 {
             // Keep the object reachable for open handles before its name goes away.
-            self.detach(r.ino, &join(&ploc.path, name), pfd.as_fd(), &cname);
+            self.detach(r.ino, &path, pfd.as_fd(), &cname);
             if lower {
                 self.replace_with_whiteout(pfd.as_fd(), name, &cname)?;
             } else {
@@ -294,6 +297,19 @@ impl Overlay {
             upper.make_whiteout(pfd.as_fd(), name)?;
         }
         Ok(())
+    }
+
+    /// Before the name `path` of a lower hard link goes away: link it up first (as the
+    /// kernel does with `index=on`), so that the overlay link count kept on the indexed copy
+    /// drops with the upper name. Returns the layer that now holds the name.
+    fn link_up_before_removal(&self, path: &[u8], r: &Resolved) -> OvlResult<u16> {
+        let hard_link = r.layer == INDEX_LAYER || (r.layer != 0 && self.indexes(&r.st));
+        if !hard_link {
+            return Ok(r.layer);
+        }
+        let node = self.node_for_name(path, r);
+        self.copy_up(&node)?;
+        Ok(0)
     }
 
     /// Replaces the upper entry `name` in `dir` with a whiteout, atomically where the format
@@ -502,7 +518,7 @@ impl Overlay {
                 upper.remove_whiteout(npfd.as_fd(), newname)?;
             }
             if let Some(d) = &dst {
-                if d.layer == 0 {
+                if self.link_up_before_removal(&new_path, d)? == 0 {
                     self.detach(d.ino, &new_path, npfd.as_fd(), &cnew);
                     if d.is_dir() {
                         // Its merged view is empty, but the upper copy may still hold
@@ -745,7 +761,7 @@ impl Overlay {
                 &[timespec(set.atime), timespec(set.mtime)],
             )?;
         }
-        self.getattr(ino, fh)
+        self.getattr(ino)
     }
 
     /// Sets xattr `name` of `ino`.
