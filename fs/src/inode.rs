@@ -107,10 +107,21 @@ pub struct Location {
     /// For directories: every layer's copy that merges into it, top first, ending at the
     /// first opaque one.
     pub dir: Option<Box<[DirLayer]>>,
+    /// For a metadata-only upper copy: where its data still lives.
+    pub data: Option<LowerData>,
     /// An `O_PATH` descriptor on the (upper) object, set when `path` stopped naming it (the
     /// name was unlinked or replaced while the kernel still holds the node: an open file, or
     /// a hard link reached by another name). The object is then reached through it.
     pub pinned: Option<Arc<std::os::fd::OwnedFd>>,
+}
+
+/// The lower file that holds the data of a metadata-only upper copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LowerData {
+    /// Its layer.
+    pub layer: u16,
+    /// Its path in that layer.
+    pub path: Box<[u8]>,
 }
 
 /// Splits a layer-relative path into parent path and final name.
@@ -135,6 +146,11 @@ impl Location {
     /// The parent path and name of the object in its layer.
     pub fn real_split(&self) -> (&[u8], &[u8]) {
         split_path(self.real_path())
+    }
+
+    /// The layer that reads of the object's data go to.
+    pub fn data_layer(&self) -> u16 {
+        self.data.as_ref().map_or(self.layer, |d| d.layer)
     }
 
     /// Whether more than one layer contributes to this directory.
@@ -270,6 +286,7 @@ mod tests {
             layer: 0,
             real: None,
             dir: None,
+            data: None,
             pinned: None,
         };
         t.lookup(7, || Node::new(7, libc::S_IFREG, loc.clone()));

@@ -45,6 +45,7 @@ pub struct Upper {
     origin: Option<CString>,
     redirect: Option<CString>,
     nlink: Option<CString>,
+    metacopy: Option<CString>,
     next_tmp: AtomicU64,
 }
 
@@ -90,12 +91,48 @@ impl Upper {
             origin: None,
             redirect: None,
             nlink: None,
+            metacopy: None,
             next_tmp: AtomicU64::new(0),
         };
         up.origin = up.private_xattr("strata.origin");
         up.redirect = up.private_xattr("redirect");
         up.nlink = up.private_xattr("strata.nlink");
+        up.metacopy = up.private_xattr("strata.metacopy");
         Ok(up)
+    }
+
+    /// Whether metadata-only copies can be recorded.
+    pub fn can_metacopy(&self) -> bool {
+        self.metacopy.is_some() && self.origin.is_some()
+    }
+
+    /// For a metadata-only copy: the path (in its layer) of the lower file holding the data.
+    pub fn read_metacopy(&self, dir: BorrowedFd<'_>, name: &CStr) -> Option<Box<[u8]>> {
+        let x = self.metacopy.as_ref()?;
+        let v = sys::get_xattr_at(dir, name, x).ok()?;
+        Some(Box::from(v.strip_prefix(b"/")?))
+    }
+
+    /// Marks `name` in `dir` as a metadata-only copy whose data is at `lower_path`.
+    pub fn write_metacopy(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        lower_path: &[u8],
+    ) -> SysResult<()> {
+        let x = self.metacopy.as_ref().ok_or(libc::ENOTSUP)?;
+        let mut v = Vec::with_capacity(lower_path.len() + 1);
+        v.push(b'/');
+        v.extend_from_slice(lower_path);
+        sys::set_xattr_at(dir, name, x, &v, 0)
+    }
+
+    /// Clears the metadata-only mark of `name` in `dir` (its data is now its own).
+    pub fn remove_metacopy(&self, dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {
+        match &self.metacopy {
+            Some(x) => sys::remove_xattr_at(dir, name, x),
+            None => Ok(()),
+        }
     }
 
     /// The index entry name of the lower object `(dev, ino)`.

@@ -7,11 +7,12 @@
 //! mount clears. Parents are copied up first, top down.
 
 use std::ffi::CStr;
+use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use super::{Overlay, OvlResult, INDEX_LAYER};
-use crate::inode::{DirLayer, Node};
+use super::{Overlay, OvlResult, INDEX_LAYER, METACOPY_MIN};
+use crate::inode::{DirLayer, Location, Node};
 use crate::sys;
 use crate::upper::{clear_child, Upper};
 use crate::whiteout;
@@ -25,16 +26,22 @@ impl Overlay {
         }
     }
 
-    /// Makes sure `node`'s object is in the upper layer.
+    /// Makes sure `node`'s object, data included, is in the upper layer.
     pub(super) fn copy_up(&self, node: &Node) -> OvlResult<()> {
         let upper = self.upper()?;
-        if node.loc.read().layer == 0 {
+        let done = |l: &Location| l.layer == 0 && l.data.is_none();
+        if done(&node.loc.read()) {
             return Ok(());
         }
         let _guard = node.copy_lock.lock();
         let loc = node.loc.read().clone();
-        if loc.layer == 0 {
+        if done(&loc) {
             return Ok(()); // another thread finished it while we waited
+        }
+        if loc.layer == 0 {
+            self.copy_up_data(upper, &loc)?;
+            node.loc.write().data = None;
+            return Ok(());
         }
         let (parent, name) = loc.split();
         let pfd = self.ensure_upper_dir(parent)?;
@@ -50,12 +57,14 @@ impl Overlay {
                 let key = Upper::index_name(st.st_dev, st.st_ino);
                 let index = self.layer_dir(INDEX_LAYER, b"")?;
                 if sys::stat_at(index.as_fd(), &key).is_err() {
-                    self.copy_object(upper, src_dir.as_fd(), &src_cname, &st, index.as_fd(), &key)?;
+                    let src = Source::new(src_dir.as_fd(), &src_cname, &st);
+                    self.copy_object(upper, &src, index.as_fd(), &key, None)?;
                 }
                 self.link_up(upper, &key, pfd.as_fd(), &cname)?;
                 self.show_index(node, &key);
             } else {
-                self.copy_object(upper, src_dir.as_fd(), &src_cname, &st, pfd.as_fd(), &cname)?;
+                let src = Source::new(src_dir.as_fd(), &src_cname, &st);
+                self.copy_object(upper, &src, pfd.as_fd(), &cname, None)?;
             }
         }
         let mut l = node.loc.write();
@@ -67,6 +76,87 @@ impl Overlay {
             l.dir = Some(v.into());
         }
         Ok(())
+    }
+
+    /// Makes sure `node`'s object is in the upper layer, for a change of its metadata only:
+    /// a lower regular file is copied without its data, which stays where it is until the
+    /// first write (kernel overlayfs's `metacopy`). Reads are unaffected.
+    pub(super) fn copy_up_meta(&self, node: &Node) -> OvlResult<()> {
+        let upper = self.upper()?;
+        {
+            let l = node.loc.read();
+            if l.layer == 0 {
+                return Ok(());
+            }
+            if node.kind != libc::S_IFREG || l.layer == INDEX_LAYER || !upper.can_metacopy() {
+                drop(l);
+                return self.copy_up(node);
+            }
+        }
+        let guard = node.copy_lock.lock();
+        let loc = node.loc.read().clone();
+        if loc.layer == 0 {
+            return Ok(());
+        }
+        let (src_parent, src_name) = loc.real_split();
+        let src_dir = self.layer_dir(loc.layer, src_parent)?;
+        let src_cname = sys::cstring(src_name)?;
+        let st = sys::stat_at(src_dir.as_fd(), &src_cname)?;
+        let small = st.st_size < METACOPY_MIN;
+        if small || self.indexes(&st) || (st.st_mode & libc::S_IFMT) != libc::S_IFREG {
+            drop(guard);
+            return self.copy_up(node);
+        }
+        let (parent, name) = loc.split();
+        let pfd = self.ensure_upper_dir(parent)?;
+        let cname = sys::cstring(name)?;
+        let src = Source::new(src_dir.as_fd(), &src_cname, &st);
+        self.copy_object(upper, &src, pfd.as_fd(), &cname, Some(loc.real_path()))?;
+        // What is there now (ours, or a racing copier's) says whether the data is up.
+        let mut ust = sys::stat_at(pfd.as_fd(), &cname)?;
+        let data = self.lower_data(pfd.as_fd(), &cname, &mut ust);
+        let mut l = node.loc.write();
+        l.layer = 0;
+        l.real = None;
+        l.data = data;
+        Ok(())
+    }
+
+    /// Gives a metadata-only copy its data: a complete copy (the data from the lower file,
+    /// everything else from the upper copy) is built in the work directory and replaces it
+    /// atomically, so a crash leaves the metadata-only copy, never a partial file.
+    fn copy_up_data(&self, upper: &Upper, loc: &Location) -> OvlResult<()> {
+        let Some(data) = &loc.data else {
+            return Ok(());
+        };
+        let (dparent, dname) = split(&data.path);
+        let src_dir = self.layer_dir(data.layer, dparent)?;
+        let src_name = sys::cstring(dname)?;
+        let (dir, name) = self.object_at(loc)?;
+        let ust = sys::stat_at(dir.as_fd(), &name)?;
+        if name.is_empty() {
+            // Pinned: no name to replace, and no other name sees the file; fill it in place.
+            let src = sys::open_child(src_dir.as_fd(), &src_name, libc::O_RDONLY)?;
+            let dst = sys::reopen_at(dir.as_fd(), &name, libc::O_WRONLY)?;
+            copy_fd_data(src.as_fd(), dst.as_fd(), ust.st_size as u64)?;
+            upper.remove_metacopy(dir.as_fd(), &name)?;
+            return set_times(dir.as_fd(), &name, &ust);
+        }
+        let work = upper.work.as_fd();
+        let tmp = upper.temp_name();
+        let built = (|| {
+            copy_data(src_dir.as_fd(), &src_name, work, &tmp, &ust)?;
+            copy_metadata(dir.as_fd(), &name, work, &tmp, &ust)?;
+            if let Some((dev, ino)) = upper.read_origin(dir.as_fd(), &name) {
+                upper.write_origin(work, &tmp, dev, ino);
+            }
+            set_times(work, &tmp, &ust)?;
+            let parent_st = sys::stat_fd(dir.as_fd())?;
+            sys::rename_at(work, &tmp, dir.as_fd(), &name, 0)?;
+            set_times(dir.as_fd(), c"", &parent_st)
+        })();
+        let _ = clear_child(work, &tmp);
+        built
     }
 
     /// Gives the indexed upper copy `key` the upper name `dst_dir/dst_name` (the copy-up of
@@ -152,7 +242,8 @@ impl Overlay {
         }
         let cname = sys::cstring(name)?;
         let src_cname = sys::cstring(src_name)?;
-        self.copy_object(upper, src_pfd.as_fd(), &src_cname, &st, pfd.as_fd(), &cname)?;
+        let src = Source::new(src_pfd.as_fd(), &src_cname, &st);
+        self.copy_object(upper, &src, pfd.as_fd(), &cname, None)?;
         if let Some(node) = &node {
             let mut l = node.loc.write();
             if l.layer != 0 {
@@ -203,21 +294,28 @@ impl Overlay {
         lower.into()
     }
 
-    /// Builds a copy of `src_dir/name` (attributes `st`) in the work directory and renames it
-    /// to `dst_dir/dst_name`. Losing a race to another copier is success.
+    /// Builds a copy of `src` in the work directory and renames it to `dst_dir/dst_name`;
+    /// with `meta_only` (the source's path in its layer), a regular file's data is left
+    /// behind. Losing a race to another copier is success.
     fn copy_object(
         &self,
         upper: &Upper,
-        src_dir: BorrowedFd<'_>,
-        name: &CStr,
-        st: &libc::stat,
+        src: &Source<'_>,
         dst_dir: BorrowedFd<'_>,
         dst_name: &CStr,
+        meta_only: Option<&[u8]>,
     ) -> OvlResult<()> {
+        let (src_dir, name, st) = (src.dir, src.name, src.st);
         let work = upper.work.as_fd();
         let tmp = upper.temp_name();
         let built = (|| {
             match st.st_mode & libc::S_IFMT {
+                libc::S_IFREG if meta_only.is_some() => {
+                    let f = sys::create_child(work, &tmp, libc::O_EXCL | libc::O_WRONLY, 0o600)?;
+                    File::from(f)
+                        .set_len(st.st_size as u64)
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                }
                 libc::S_IFREG => copy_data(src_dir, name, work, &tmp, st)?,
                 libc::S_IFDIR => sys::mkdir_at(work, &tmp, 0o700)?,
                 libc::S_IFLNK => {
@@ -237,6 +335,9 @@ impl Overlay {
             if is_dir || st.st_nlink <= 1 || self.indexes(st) {
                 upper.write_origin(work, &tmp, st.st_dev, st.st_ino);
             }
+            if let Some(path) = meta_only {
+                upper.write_metacopy(work, &tmp, path)?;
+            }
             set_times(work, &tmp, st)?;
             // Copy-up is not a change the user made: the parent keeps its times, as in the
             // kernel.
@@ -251,6 +352,19 @@ impl Overlay {
         // removes our partial copy.
         let _ = clear_child(work, &tmp);
         built
+    }
+}
+
+/// The object a copy is made from.
+struct Source<'a> {
+    dir: BorrowedFd<'a>,
+    name: &'a CStr,
+    st: &'a libc::stat,
+}
+
+impl<'a> Source<'a> {
+    fn new(dir: BorrowedFd<'a>, name: &'a CStr, st: &'a libc::stat) -> Source<'a> {
+        Source { dir, name, st }
     }
 }
 

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use crate::dirmerge::{self, DirEntry};
 use crate::fdcache::DirFdCache;
 use crate::handles::{Handle, HandleTable, OpenFile};
-use crate::inode::{DirLayer, InoMapper, Location, Node, NodeTable, ROOT_INO};
+use crate::inode::{
+    split_path, DirLayer, InoMapper, Location, LowerData, Node, NodeTable, ROOT_INO,
+};
 use crate::layers::LayerStack;
 use crate::sys;
 use crate::upper::{Upper, WhiteoutFormat};
@@ -31,6 +33,10 @@ pub type OvlResult<T> = Result<T, i32>;
 
 /// Directory descriptors kept open at most; the rest are reopened on demand.
 const DIR_FD_CACHE: usize = 1024;
+
+/// Lower files at least this large get a metadata-only copy-up for metadata changes;
+/// smaller ones are cheaper to copy whole than to copy twice.
+pub(crate) const METACOPY_MIN: i64 = 64 * 1024;
 
 /// The pseudo-layer of index entries: a [`Location`] in it names an entry of the work
 /// directory's index (its `real` path is the entry's name), which is the upper copy of a
@@ -79,6 +85,8 @@ pub(crate) struct Resolved {
     pub ino: u64,
     /// For a directory, the copies that merge into it.
     pub merged: Vec<DirLayer>,
+    /// For a metadata-only upper copy, where its data is.
+    pub data: Option<LowerData>,
 }
 
 impl Resolved {
@@ -123,6 +131,7 @@ impl Overlay {
                 layer: 0,
                 real: None,
                 dir: Some(dirs.into()),
+                data: None,
                 pinned: None,
             },
         ));
@@ -273,16 +282,23 @@ impl Overlay {
                     st: ist,
                     ino,
                     merged,
+                    data: None,
                 }));
             }
         }
         self.fix_nlink(layer, dfd.as_fd(), &cname, &mut st);
+        let data = if layer == 0 {
+            self.lower_data(dfd.as_fd(), &cname, &mut st)
+        } else {
+            None
+        };
         Ok(Some(Resolved {
             layer,
             real: (real != child_path).then_some(real),
             st,
             ino,
             merged,
+            data,
         }))
     }
 
@@ -349,6 +365,46 @@ impl Overlay {
         }
     }
 
+    /// For the upper file `dir/name` (attributes `st`): if it is a metadata-only copy, where
+    /// its data is; `st` then gets the data's block count.
+    pub(crate) fn lower_data(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &CStr,
+        st: &mut libc::stat,
+    ) -> Option<LowerData> {
+        // A metadata-only copy holds no data (its blocks are at most an xattr block), so
+        // only a large, mostly sparse file can be one: other files cost no xattr read.
+        if (st.st_mode & libc::S_IFMT) != libc::S_IFREG
+            || st.st_size < METACOPY_MIN
+            || st.st_blocks * 512 >= st.st_size
+        {
+            return None;
+        }
+        let up = self.upper.as_ref()?;
+        let path = up.read_metacopy(dir, name)?;
+        let origin = up.read_origin(dir, name);
+        let (parent, file) = split_path(&path);
+        let cfile = sys::cstring(file).ok()?;
+        for layer in 1..self.stack.len() as u16 {
+            let Ok(pfd) = self.layer_dir(layer, parent) else {
+                continue;
+            };
+            let Ok(lst) = sys::stat_at(pfd.as_fd(), &cfile) else {
+                continue;
+            };
+            if origin.is_none_or(|o| o == (lst.st_dev, lst.st_ino)) {
+                st.st_blocks = lst.st_blocks;
+                return Some(LowerData { layer, path });
+            }
+        }
+        tracing::warn!(
+            path = %String::from_utf8_lossy(&path),
+            "the data of a metadata-only copy is missing from the lower layers"
+        );
+        None
+    }
+
     /// Our inode number for an object: from the identity it was copied up from, when the
     /// upper copy records one, so that copy-up never changes a number.
     fn ino_of(
@@ -391,6 +447,7 @@ impl Overlay {
             layer,
             real,
             dir: is_dir.then(|| merged.into()),
+            data: r.data,
             pinned: None,
         };
         let node = self.nodes.lookup(ino, || Node::new(ino, kind, loc.clone()));
@@ -412,6 +469,11 @@ impl Overlay {
         let (dir, name) = self.object_at(loc)?;
         let mut st = sys::stat_at(dir.as_fd(), &name)?;
         self.fix_nlink(loc.layer, dir.as_fd(), &name, &mut st);
+        if let Some(d) = &loc.data {
+            if let Ok(fd) = self.open_data(d, libc::O_PATH) {
+                st.st_blocks = sys::stat_fd(fd.as_fd())?.st_blocks;
+            }
+        }
         Ok(st)
     }
 
@@ -449,6 +511,21 @@ impl Overlay {
         sys::open_child(dfd.as_fd(), &sys::cstring(name)?, flags)
     }
 
+    /// Opens the lower file holding a metadata-only copy's data.
+    fn open_data(&self, d: &LowerData, flags: i32) -> OvlResult<OwnedFd> {
+        let (parent, name) = split_path(&d.path);
+        let dfd = self.layer_dir(d.layer, parent)?;
+        sys::open_child(dfd.as_fd(), &sys::cstring(name)?, flags)
+    }
+
+    /// Opens `loc`'s object for reading its data.
+    fn open_for_read(&self, loc: &Location, flags: i32) -> OvlResult<OwnedFd> {
+        match &loc.data {
+            Some(d) => self.open_data(d, flags),
+            None => self.open_object(loc, flags),
+        }
+    }
+
     /// Opens file `ino`; returns the handle number. Opening for writing copies the file up.
     pub fn open(&self, ino: u64, flags: i32) -> OvlResult<u64> {
         let node = self.node(ino)?;
@@ -461,10 +538,10 @@ impl Overlay {
         }
         let loc = node.loc.read().clone();
         let keep = flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_NOATIME);
-        let fd = self.open_object(&loc, libc::O_RDONLY | keep)?;
+        let fd = self.open_for_read(&loc, libc::O_RDONLY | keep)?;
         Ok(self.handles.insert(Handle::File(OpenFile {
             node,
-            file: parking_lot::RwLock::new((loc.layer, File::from(fd))),
+            file: parking_lot::RwLock::new((loc.data_layer(), File::from(fd))),
             writable: false,
         })))
     }
@@ -474,12 +551,12 @@ impl Overlay {
     fn refresh(&self, of: &OpenFile) -> OvlResult<()> {
         let (layer, loc) = {
             let loc = of.node.loc.read();
-            (loc.layer, loc.clone())
+            (loc.data_layer(), loc.clone())
         };
         if of.file.read().0 == layer {
             return Ok(());
         }
-        let fd = self.open_object(&loc, libc::O_RDONLY)?;
+        let fd = self.open_for_read(&loc, libc::O_RDONLY)?;
         *of.file.write() = (layer, File::from(fd));
         Ok(())
     }

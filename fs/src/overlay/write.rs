@@ -178,6 +178,7 @@ impl Overlay {
                 st,
                 ino,
                 merged,
+                data: None,
             },
         ))
     }
@@ -468,11 +469,11 @@ impl Overlay {
         let old_path = join(&ploc.path, name);
         let new_path = join(&nploc.path, newname);
         let src_node = self.node_for_name(&old_path, &src);
-        self.copy_up(&src_node)?;
+        self.copy_up_meta(&src_node)?;
         let dst_node = match (&dst, exchange) {
             (Some(d), true) => {
                 let n = self.node_for_name(&new_path, d);
-                self.copy_up(&n)?;
+                self.copy_up_meta(&n)?;
                 Some(n)
             }
             _ => None,
@@ -573,6 +574,7 @@ impl Overlay {
                 layer: r.layer,
                 real: r.real.clone(),
                 dir: r.is_dir().then(|| r.merged.clone().into()),
+                data: r.data.clone(),
                 pinned: None,
             },
         ))
@@ -721,7 +723,11 @@ impl Overlay {
     pub fn setattr(&self, ino: u64, set: &SetAttr, fh: Option<u64>) -> OvlResult<Attr> {
         self.upper()?;
         let node = self.node(ino)?;
-        self.copy_up(&node)?;
+        if set.size.is_some() {
+            self.copy_up(&node)?;
+        } else {
+            self.copy_up_meta(&node)?;
+        }
         let loc = node.loc.read().clone();
         let (dir, cname) = self.object_at(&loc)?;
         if let Some(size) = set.size {
@@ -768,7 +774,7 @@ impl Overlay {
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> OvlResult<()> {
         self.upper()?;
         let node = self.node(ino)?;
-        self.copy_up(&node)?;
+        self.copy_up_meta(&node)?;
         let loc = node.loc.read().clone();
         let (dir, cname) = self.object_at(&loc)?;
         let stored =
@@ -788,7 +794,7 @@ impl Overlay {
             let (dir, cname) = self.object_at(&loc)?;
             sys::get_xattr_at(dir.as_fd(), &cname, &stored)?;
         }
-        self.copy_up(&node)?;
+        self.copy_up_meta(&node)?;
         let loc = node.loc.read().clone();
         let (dir, cname) = self.object_at(&loc)?;
         sys::remove_xattr_at(dir.as_fd(), &cname, &stored)
