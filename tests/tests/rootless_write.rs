@@ -17,7 +17,8 @@ use strata_tests::*;
 /// The operations, as a shell script taking the mount point: create, write to a lower file
 /// (copy-up), unlink a lower file (whiteout), delete a lower dir and make a new one in its
 /// place (opaque), rename(2) a lower dir (redirect; perl calls rename(2) directly, unlike
-/// `mv`, which would fall back to copying on EXDEV).
+/// `mv`, which would fall back to copying on EXDEV), write to and remove names of a lower
+/// hard link (index), chmod a large lower file (metadata-only copy-up).
 const OPS: &str = r#"
 set -eu
 M=$1
@@ -29,6 +30,9 @@ mkdir "$M/deldir"
 echo fresh > "$M/deldir/fresh"
 perl -e 'rename($ARGV[0], $ARGV[1]) or die "rename(2) of a lower dir: $!\n"' "$M/ren" "$M/ren2"
 echo n > "$M/ren2/sub/n"
+echo linked >> "$M/hl1"
+rm "$M/sub/hl3"
+chmod 600 "$M/big.bin"
 echo ops=done
 "#;
 
@@ -37,7 +41,7 @@ echo ops=done
 const LISTING: &str = r#"
 set -eu
 cd "$1"
-find . -mindepth 1 \( -type f -printf '%P f %m %s\n' \) -o \( -type l -printf '%P l %l\n' \) -o -printf '%P %y %m\n' | LC_ALL=C sort
+find . -mindepth 1 \( -type f -printf '%P f %m %s %n\n' \) -o \( -type l -printf '%P l %l\n' \) -o -printf '%P %y %m\n' | LC_ALL=C sort
 find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r md5sum
 "#;
 
@@ -48,7 +52,11 @@ fn fill(l1: &Layer, l2: &Layer) {
         .file("deldir/a", "a\n")
         .file("deldir/b", "b\n")
         .file("ren/x", "x\n")
-        .file("ren/sub/y", "y\n");
+        .file("ren/sub/y", "y\n")
+        .file("hl1", "hard-linked\n")
+        .hardlink("hl2", "hl1")
+        .hardlink("sub/hl3", "hl1")
+        .file("big.bin", pattern(300_000, 3));
     l1.file("both.txt", "top\n").file("top.txt", "top\n");
 }
 
