@@ -1,6 +1,7 @@
 //! Copy-up must be atomic: SIGKILL the daemon while a 64 MiB lower file is being copied up
-//! and the upper layer holds either no copy or a complete one at the visible path, the next
-//! mount clears what was left in `workdir/work`, and the lower layer never changes.
+//! (from the lower layer, or into an existing metadata-only copy) and the upper layer holds
+//! either no copy or a complete one at the visible path, the next mount clears what was left
+//! in `workdir/work`, and the lower layer never changes.
 
 use std::fs;
 use std::path::Path;
@@ -110,6 +111,17 @@ fn entries(dir: &Path) -> Vec<String> {
 
 #[test]
 fn sigkill_during_copy_up_leaves_no_partial_file() {
+    crash_loop(false);
+}
+
+/// The same with a metadata-only copy in place first (chmod), so that the write copies up
+/// the data of an upper file that already exists.
+#[test]
+fn sigkill_during_data_copy_up_of_metadata_only_copy() {
+    crash_loop(true);
+}
+
+fn crash_loop(meta_first: bool) {
     let sc = Scratch::new();
     let want = lower_content();
     let lower = sc.layer("lower");
@@ -136,6 +148,10 @@ fn sigkill_during_copy_up_leaves_no_partial_file() {
         let mut g = strata.mount(&mnt);
         let daemon = g.daemon_pid();
         let target = mnt.join("big.bin");
+        if meta_first {
+            fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod through the mount");
+        }
         let mut child = Command::new("sh")
             .arg("-c")
             .arg("printf APPENDED >> \"$1\"")
@@ -159,11 +175,16 @@ fn sigkill_during_copy_up_leaves_no_partial_file() {
             panic!("{when}: cleaning up the dead mount: {e}");
         }
         drop(g);
-        let state = upper_state(
-            &visible,
-            &want,
-            &format!("{when}, after SIGKILL at {delay} µs"),
-        );
+        // A metadata-only copy holds no data, so only the merged view below can judge it.
+        let state = if meta_first {
+            UpperState::NoCopy
+        } else {
+            upper_state(
+                &visible,
+                &want,
+                &format!("{when}, after SIGKILL at {delay} µs"),
+            )
+        };
         let left = entries(&work.join("work"));
         if !left.is_empty() {
             leftovers += 1;
@@ -181,11 +202,27 @@ fn sigkill_during_copy_up_leaves_no_partial_file() {
             UpperState::NoCopy | UpperState::Complete => SIZE,
             UpperState::CompleteAppended => SIZE + APPENDED.len(),
         };
-        assert_eq!(
-            merged.len(),
-            expect_len,
-            "{when}: merged file size after remount (upper state {state:?})"
-        );
+        if meta_first {
+            // The append may or may not have landed; nothing else may differ.
+            let appended = merged.len() == SIZE + APPENDED.len() && merged[SIZE..] == *APPENDED;
+            assert!(
+                merged.len() == SIZE || appended,
+                "{when}: merged file has {} bytes after remount",
+                merged.len()
+            );
+            let mode = fs::metadata(g.join("big.bin")).unwrap().permissions();
+            assert_eq!(
+                std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+                0o600,
+                "{when}: the chmod before the crash was lost"
+            );
+        } else {
+            assert_eq!(
+                merged.len(),
+                expect_len,
+                "{when}: merged file size after remount (upper state {state:?})"
+            );
+        }
         assert!(
             merged[..SIZE] == want[..],
             "{when}: merged file content differs from the lower's after remount"

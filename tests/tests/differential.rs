@@ -8,7 +8,7 @@
 //!     cargo build -p strata-fs && cargo test -p strata-tests --test differential -- --nocapture
 //!
 //! Environment knobs:
-//! - `STRATA_DIFF_SEEDS=S`   number of sequences (seeds 1..=S), default 10
+//! - `STRATA_DIFF_SEEDS=S`   number of sequences (seeds 1..=S), default 20
 //! - `STRATA_DIFF_SEED=X`    run only seed X
 //! - `STRATA_DIFF_OPS=N`     operations per sequence, default 500 (a shorter run of the same
 //!   seed is a prefix of a longer one: `STRATA_DIFF_OPS=<op#+1>` stops right after an op)
@@ -21,7 +21,7 @@
 //!   every K operations (default 20, 0 = off): finds silent divergences (same results,
 //!   different state) close to the operation that caused them
 //! - `STRATA_DIFF_LOWER_HARDLINKS=0` build the lower layers with copies instead of hard
-//!   links (to look past index=on hard-link semantics while those are not implemented)
+//!   links (to tell index=on hard-link effects from others)
 //! - `STRATA_DIFF_OP_TIMEOUT=SECS` watchdog for one operation, default 20: a hung stratafs
 //!   request gets its daemon killed and the mount detached
 //!
@@ -116,7 +116,7 @@ impl Cfg {
     fn from_env() -> Cfg {
         let seeds = match env_num("STRATA_DIFF_SEED") {
             Some(s) => vec![s],
-            None => (1..=env_num("STRATA_DIFF_SEEDS").unwrap_or(10)).collect(),
+            None => (1..=env_num("STRATA_DIFF_SEEDS").unwrap_or(20)).collect(),
         };
         let kinds = match std::env::var("STRATA_DIFF_KINDS") {
             Ok(list) if !list.trim().is_empty() => {
@@ -3537,7 +3537,6 @@ fn run_ops(
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "issue 3 in progress: 406 divergences from kernel overlayfs in 10x500 ops (hard links through copy-up are the first in most seeds); run with --ignored"]
 fn differential() {
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("differential: skipped (needs root for kernel overlayfs and FUSE mounts)");
