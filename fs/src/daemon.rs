@@ -20,6 +20,7 @@ use crate::fuse::StrataFuse;
 use crate::layers::LayerStack;
 use crate::options::MountConfig;
 use crate::overlay::{Overlay, OverlayOptions};
+use crate::upper::WhiteoutFormat;
 
 /// FUSE worker threads, each with its own device descriptor.
 const WORKER_THREADS: usize = 4;
@@ -167,13 +168,16 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
     let writable = stack.upper().is_some();
     let opts = OverlayOptions {
         read_only: cfg.fuse.read_only,
-        whiteout: None,
+        whiteout: cfg.whiteout,
     };
     let ov = Arc::new(Overlay::new(stack, opts).map_err(|e| {
-        format!(
-            "cannot read the layers: {}",
-            std::io::Error::from_raw_os_error(e)
-        )
+        let err = std::io::Error::from_raw_os_error(e);
+        match cfg.whiteout {
+            Some(WhiteoutFormat::CharDev) if e == libc::EPERM => format!(
+                "whiteout=chardev: the upper layer cannot hold character-device whiteouts ({err})"
+            ),
+            _ => format!("cannot prepare the layers: {err}"),
+        }
     })?);
     let mountpoint = cfg.mountpoint.clone();
     let session = Session::new(

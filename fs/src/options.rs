@@ -9,6 +9,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::upper::WhiteoutFormat;
+
 /// A command-line problem, reported as one line and a non-zero exit.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OptionError {
@@ -51,7 +53,7 @@ pub enum OptionError {
     version,
     about = "A FUSE union filesystem with overlayfs semantics (fuse-overlayfs compatible)",
     after_help = "Overlay options: lowerdir=TOP:...:BOTTOM (\\: escapes a colon), upperdir=DIR, \
-workdir=DIR.\nMount options: allow_other, allow_root, default_permissions, ro, [no]suid, [no]dev, \
+workdir=DIR, whiteout=auto|chardev|oci.\nMount options: allow_other, allow_root, default_permissions, ro, [no]suid, [no]dev, \
 [no]exec, [no]atime, max_write=N, fsname=NAME.\nUnknown options are reported and ignored."
 )]
 struct RawArgs {
@@ -109,6 +111,9 @@ pub struct MountConfig {
     pub upperdir: Option<PathBuf>,
     /// Scratch directory for atomic copy-up, on the upper layer's filesystem.
     pub workdir: Option<PathBuf>,
+    /// `whiteout=chardev|oci`: the whiteout format to write (default `auto`: char 0:0 when
+    /// the upper filesystem allows it, else `.wh.NAME`).
+    pub whiteout: Option<WhiteoutFormat>,
     /// Generic FUSE/mount options.
     pub fuse: FuseOptions,
     /// Options that were not understood; each is reported on stderr and ignored.
@@ -164,6 +169,7 @@ impl MountConfig {
             lowerdirs: Vec::new(),
             upperdir: None,
             workdir: None,
+            whiteout: None,
             fuse: FuseOptions::default(),
             unknown: Vec::new(),
         };
@@ -217,6 +223,21 @@ impl MountConfig {
             }
             "upperdir" => self.upperdir = Some(nonempty_path(name, need(value)?)?),
             "workdir" => self.workdir = Some(nonempty_path(name, need(value)?)?),
+            "whiteout" => {
+                let v = need(value)?;
+                self.whiteout = match v {
+                    "auto" => None,
+                    "chardev" => Some(WhiteoutFormat::CharDev),
+                    "oci" => Some(WhiteoutFormat::Oci),
+                    _ => {
+                        return Err(OptionError::BadValue {
+                            name: name.to_string(),
+                            value: v.to_string(),
+                            why: "expected auto, chardev or oci",
+                        })
+                    }
+                };
+            }
             "allow_other" => self.fuse.allow_other = true,
             "allow_root" => self.fuse.allow_root = true,
             "ro" => self.fuse.read_only = true,
@@ -328,6 +349,18 @@ mod tests {
         let mut v = vec!["stratafs"];
         v.extend_from_slice(args);
         MountConfig::from_args(v).expect("clap accepts")
+    }
+
+    #[test]
+    fn whiteout_format_option() {
+        let w = |v: &str| parse(&["-o", &format!("lowerdir=/a,whiteout={v}"), "/m"]);
+        assert_eq!(w("oci").unwrap().whiteout, Some(WhiteoutFormat::Oci));
+        assert_eq!(
+            w("chardev").unwrap().whiteout,
+            Some(WhiteoutFormat::CharDev)
+        );
+        assert_eq!(w("auto").unwrap().whiteout, None);
+        assert!(matches!(w("xattr"), Err(OptionError::BadValue { .. })));
     }
 
     #[test]

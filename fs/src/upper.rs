@@ -66,7 +66,15 @@ impl Upper {
             return Err(errno());
         }
         let work = sys::open_child(workdir, WORK_SUBDIR, libc::O_PATH | libc::O_DIRECTORY)?;
-        let whiteout = forced.unwrap_or_else(|| probe_chardev(work.as_fd()));
+        let whiteout = match forced {
+            Some(WhiteoutFormat::CharDev)
+                if probe_chardev(work.as_fd()) != WhiteoutFormat::CharDev =>
+            {
+                return Err(libc::EPERM);
+            }
+            Some(f) => f,
+            None => probe_chardev(work.as_fd()),
+        };
         let xattr_ns = probe_xattr_ns(work.as_fd(), upper);
         let index = if xattr_ns == XattrNs::None {
             None

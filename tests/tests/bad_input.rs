@@ -289,3 +289,20 @@ fn failure_in_foreground_mode_too() {
     args.extend(o(format!("lowerdir={}", d(&missing)), &e.mnt));
     rejected(&args, &e.mnt);
 }
+
+#[test]
+fn unknown_whiteout_format() {
+    let e = env();
+    rejected(
+        &o(
+            format!(
+                "lowerdir={},upperdir={},workdir={},whiteout=xattr",
+                d(&e.lower),
+                d(&e.upper),
+                d(&e.work)
+            ),
+            &e.mnt,
+        ),
+        &e.mnt,
+    );
+}

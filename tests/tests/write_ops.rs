@@ -1522,3 +1522,52 @@ fn metadata_only_copy_up_then_data() {
     drop((kr, sr));
     t.finish();
 }
+
+/// `whiteout=oci` makes deletions write `.wh.NAME` files even where char 0:0 devices work;
+/// the merged view and a remount are the same either way.
+#[test]
+fn whiteout_option_selects_the_format() {
+    for (opt, oci) in [("whiteout=oci", true), ("whiteout=chardev", false)] {
+        let sc = Scratch::new();
+        let lower = sc.layer("lower");
+        lower
+            .file("gone", "gone\n")
+            .file("d/x", "x\n")
+            .file("keep", "k\n");
+        let (upper, work, mnt) = (sc.mkdir("upper"), sc.mkdir("work"), sc.mkdir("mnt"));
+        let strata = Strata::new(&[lower.root()]).upper(&upper, &work).opt(opt);
+        let g = strata.mount(&mnt);
+        fs::remove_file(g.join("gone")).unwrap();
+        fs::remove_file(g.join("d/x")).unwrap();
+        fs::remove_dir(g.join("d")).unwrap();
+        let names = |p: &Path| {
+            let mut v: Vec<String> = fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&mnt), ["keep"], "{opt}: merged view");
+        drop(g);
+        if oci {
+            assert!(
+                upper.join(".wh.gone").is_file(),
+                "{opt}: {:?}",
+                names(&upper)
+            );
+            assert!(upper.join(".wh.d").is_file(), "{opt}: {:?}", names(&upper));
+            assert!(!upper.join("gone").exists(), "{opt}: {:?}", names(&upper));
+        } else {
+            assert!(
+                is_whiteout(&upper.join("gone")),
+                "{opt}: {:?}",
+                names(&upper)
+            );
+            assert!(is_whiteout(&upper.join("d")), "{opt}: {:?}", names(&upper));
+        }
+        let g = strata.mount(&mnt);
+        assert_eq!(names(&mnt), ["keep"], "{opt}: after remount");
+        drop(g);
+    }
+}
