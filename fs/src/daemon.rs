@@ -169,6 +169,8 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
     let opts = OverlayOptions {
         read_only: cfg.fuse.read_only,
         whiteout: cfg.whiteout,
+        squash_uid: cfg.squash_uid,
+        squash_gid: cfg.squash_gid,
     };
     let ov = Arc::new(Overlay::new(stack, opts).map_err(|e| {
         let err = std::io::Error::from_raw_os_error(e);
@@ -211,6 +213,16 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
     session
         .run()
         .map_err(|e| format!("serving {} failed: {}", mountpoint.display(), one_line(&e)))
+}
+
+/// Serves `ov` on `fd`, a `/dev/fuse` descriptor that another process mounts (with
+/// `mount(2)` and `fd=N`), until that mount goes away. For callers that mount in a namespace
+/// of their own, such as the `strata` runner.
+pub fn serve_fd(ov: Arc<Overlay>, fd: OwnedFd) -> std::io::Result<()> {
+    let mut config = Config::default();
+    config.n_threads = Some(WORKER_THREADS);
+    config.clone_fd = true;
+    Session::from_fd(StrataFuse::new(ov, None), fd, SessionACL::All, config)?.run()
 }
 
 /// Waits until the mount answers a request, then detaches from the caller's stdio and says

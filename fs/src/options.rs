@@ -53,7 +53,7 @@ pub enum OptionError {
     version,
     about = "A FUSE union filesystem with overlayfs semantics (fuse-overlayfs compatible)",
     after_help = "Overlay options: lowerdir=TOP:...:BOTTOM (\\: escapes a colon), upperdir=DIR, \
-workdir=DIR, whiteout=auto|chardev|oci.\nMount options: allow_other, allow_root, default_permissions, ro, [no]suid, [no]dev, \
+workdir=DIR, whiteout=auto|chardev|oci, squash_to_root, squash_to_uid=N, squash_to_gid=N.\nMount options: allow_other, allow_root, default_permissions, ro, [no]suid, [no]dev, \
 [no]exec, [no]atime, max_write=N, fsname=NAME.\nUnknown options are reported and ignored."
 )]
 struct RawArgs {
@@ -114,6 +114,10 @@ pub struct MountConfig {
     /// `whiteout=chardev|oci`: the whiteout format to write (default `auto`: char 0:0 when
     /// the upper filesystem allows it, else `.wh.NAME`).
     pub whiteout: Option<WhiteoutFormat>,
+    /// `squash_to_uid=N` (or `squash_to_root`): every object is shown as owned by uid N.
+    pub squash_uid: Option<u32>,
+    /// `squash_to_gid=N` (or `squash_to_root`): every object is shown as owned by gid N.
+    pub squash_gid: Option<u32>,
     /// Generic FUSE/mount options.
     pub fuse: FuseOptions,
     /// Options that were not understood; each is reported on stderr and ignored.
@@ -170,6 +174,8 @@ impl MountConfig {
             upperdir: None,
             workdir: None,
             whiteout: None,
+            squash_uid: None,
+            squash_gid: None,
             fuse: FuseOptions::default(),
             unknown: Vec::new(),
         };
@@ -238,6 +244,12 @@ impl MountConfig {
                     }
                 };
             }
+            "squash_to_root" => {
+                self.squash_uid = Some(0);
+                self.squash_gid = Some(0);
+            }
+            "squash_to_uid" => self.squash_uid = Some(parse_id(name, need(value)?)?),
+            "squash_to_gid" => self.squash_gid = Some(parse_id(name, need(value)?)?),
             "allow_other" => self.fuse.allow_other = true,
             "allow_root" => self.fuse.allow_root = true,
             "ro" => self.fuse.read_only = true,
@@ -276,6 +288,14 @@ impl MountConfig {
         }
         Ok(())
     }
+}
+
+fn parse_id(name: &str, v: &str) -> Result<u32, OptionError> {
+    v.parse().map_err(|_| OptionError::BadValue {
+        name: name.to_string(),
+        value: v.to_string(),
+        why: "expected a numeric id",
+    })
 }
 
 fn nonempty_path(name: &str, v: &str) -> Result<PathBuf, OptionError> {

@@ -4,6 +4,7 @@
 //! which builds a small layer stack, mounts it with `stratafs` and shows the merged view.
 
 mod demo;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Run a command in fresh namespaces on a stratafs view of read-only layers.
+    Run(Box<run::spec::RunArgs>),
     /// Build a small built-in layer stack, mount it with stratafs and show the merged view.
     Demo,
 }
@@ -28,6 +31,7 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Cmd::Run(args) => std::process::exit(run::run(*args)),
         Cmd::Demo => demo::run(),
     };
     if let Err(e) = result {

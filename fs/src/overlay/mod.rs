@@ -58,6 +58,10 @@ pub struct OverlayOptions {
     pub read_only: bool,
     /// Whiteout format to write; probed from the upper filesystem when `None`.
     pub whiteout: Option<WhiteoutFormat>,
+    /// Report every object as owned by this uid (fuse-overlayfs's `squash_to_uid`).
+    pub squash_uid: Option<u32>,
+    /// Report every object as owned by this gid (fuse-overlayfs's `squash_to_gid`).
+    pub squash_gid: Option<u32>,
 }
 
 /// A merged view over a [`LayerStack`].
@@ -70,6 +74,7 @@ pub struct Overlay {
     handles: HandleTable,
     upper: Option<Upper>,
     read_only: bool,
+    squash: (Option<u32>, Option<u32>),
 }
 
 /// What a name in a directory resolves to.
@@ -114,6 +119,7 @@ impl Overlay {
             handles: HandleTable::default(),
             upper,
             read_only: opts.read_only,
+            squash: (opts.squash_uid, opts.squash_gid),
         };
         let mut dirs = Vec::new();
         for (i, layer) in ov.stack.layers().iter().enumerate() {
@@ -178,6 +184,14 @@ impl Overlay {
         // subdirectories in every layer, so it reports 1 ("unknown") as find(1) expects.
         if merged_dir {
             st.st_nlink = 1;
+        }
+        // Rootless use: owners that mean nothing in the caller's user namespace (or whose
+        // permissions would lock its root out) are shown as one owner.
+        if let Some(uid) = self.squash.0 {
+            st.st_uid = uid;
+        }
+        if let Some(gid) = self.squash.1 {
+            st.st_gid = gid;
         }
         Attr { st }
     }
