@@ -1,7 +1,5 @@
-//! `strata`: runs one namespaced process on top of a stratafs layer stack.
-//!
-//! The container runner lands with its own issue; today the binary offers `strata demo`,
-//! which builds a small layer stack, mounts it with `stratafs` and shows the merged view.
+//! `strata`: runs one namespaced process on top of a stratafs layer stack (`strata run`), and
+//! `strata demo`, a container on the host's own root directory.
 
 mod demo;
 mod run;
@@ -24,7 +22,7 @@ struct Cli {
 enum Cmd {
     /// Run a command in fresh namespaces on a stratafs view of read-only layers.
     Run(Box<run::spec::RunArgs>),
-    /// Build a small built-in layer stack, mount it with stratafs and show the merged view.
+    /// Run a container on the host's own / (read-only) and show that its writes stay inside.
     Demo,
 }
 
