@@ -26,12 +26,26 @@ enum Cmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    let result = match cli.command {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(e),
+    };
+    let result = match &cli.command {
         Cmd::Demo => demo::run(),
     };
     if let Err(e) = result {
         eprintln!("strata: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `--help` and `--version` print as usual; a usage error is one line on stderr, exit 2.
+fn usage_error(e: clap::Error) -> ! {
+    if !e.use_stderr() {
+        e.exit();
+    }
+    let msg = e.to_string();
+    let first = msg.lines().next().unwrap_or("invalid arguments");
+    eprintln!("strata: {}", first.trim_start_matches("error: "));
+    std::process::exit(2);
 }
