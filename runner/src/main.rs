@@ -1,8 +1,10 @@
 //! `strata`: runs one namespaced process on top of a stratafs layer stack.
 //!
 //! The container runner lands with its own issue; today the binary offers `strata demo`,
-//! which builds a small layer stack, mounts it with `stratafs` and shows the merged view.
+//! which builds a small layer stack, mounts it with `stratafs` and shows the merged view,
+//! and `strata commit`, which turns a container's writable layer into an OCI layer.
 
+mod commit;
 mod demo;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +25,8 @@ struct Cli {
 enum Cmd {
     /// Build a small built-in layer stack, mount it with stratafs and show the merged view.
     Demo,
+    /// Turn a container's writable layer into a read-only layer directory in OCI form.
+    Commit(commit::CommitArgs),
 }
 
 fn main() {
@@ -32,6 +36,7 @@ fn main() {
     };
     let result = match &cli.command {
         Cmd::Demo => demo::run(),
+        Cmd::Commit(args) => commit::run(args),
     };
     if let Err(e) = result {
         eprintln!("strata: {e:#}");
