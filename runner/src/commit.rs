@@ -58,8 +58,8 @@ pub struct CommitArgs {
 /// Runs `strata commit`.
 pub fn run(args: &CommitArgs) -> Result<()> {
     let input = Input::resolve(args)?;
-    let guard = OutputGuard::prepare(&args.output)?;
     input.check_output(&args.output)?;
+    let guard = OutputGuard::prepare(&args.output)?;
     commit(&input, &args.output)?;
     guard.keep();
     Ok(())
@@ -126,9 +126,26 @@ impl Input {
         })
     }
 
-    /// The output must not be inside a directory the commit reads.
+    /// The output must not be inside a directory the commit reads (checked before it is
+    /// created, so a refused output is never made).
     fn check_output(&self, output: &Path) -> Result<()> {
-        let out = fs::canonicalize(output)?;
+        let out = match fs::canonicalize(output) {
+            Ok(p) => p,
+            // Not there yet: where it will be.
+            Err(_) => match (output.parent(), output.file_name()) {
+                (Some(parent), Some(name)) => {
+                    let parent = if parent.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        parent
+                    };
+                    let parent = fs::canonicalize(parent)
+                        .with_context(|| format!("output {}", output.display()))?;
+                    parent.join(name)
+                }
+                _ => bail!("output {} is not a directory path", output.display()),
+            },
+        };
         let read = [&self.upper, &self.workdir].into_iter().chain(&self.layers);
         for d in read {
             if out.starts_with(d) {

@@ -187,11 +187,7 @@ impl Output {
     pub fn finish(&mut self) -> Result<()> {
         self.cached = None;
         let mut pending = std::mem::take(&mut self.pending);
-        pending.sort_by_key(|d| {
-            std::cmp::Reverse(
-                d.path.iter().filter(|&&b| b == b'/').count() + !d.path.is_empty() as usize,
-            )
-        });
+        pending.sort_by_key(|d| std::cmp::Reverse(depth(&d.path)));
         for d in pending {
             let fd = open_dir(self.root.as_fd(), &d.path)?;
             set_owner_mode_times(fd.as_fd(), c"", &d.st)
@@ -256,6 +252,14 @@ fn set_times(dir: BorrowedFd<'_>, name: &CStr, st: &libc::stat) -> Result<()> {
     sys::utimens_at(dir, name, &times)
         .map_err(os_err)
         .context("setting times")
+}
+
+/// Number of names in a layer-relative path (0 for the root).
+fn depth(path: &[u8]) -> usize {
+    match path {
+        [] => 0,
+        p => 1 + p.iter().filter(|&&b| b == b'/').count(),
+    }
 }
 
 /// `(parent, name)` of a layer-relative path.

@@ -53,7 +53,10 @@ impl UpperDir {
             return Ok(()); // already in `marks`
         }
         if let Some(target) = name.strip_prefix(whiteout::OCI_PREFIX) {
-            self.whiteouts.insert(target.into());
+            // A bare `.wh.` hides nothing.
+            if !target.is_empty() {
+                self.whiteouts.insert(target.into());
+            }
             return Ok(());
         }
         let cname = cstring(&name)?;
