@@ -146,6 +146,31 @@ const ACCEPTED_AND_IGNORED: &[&str] = &[
 ];
 
 impl MountConfig {
+    /// A configuration for library users that open a stack without a command line (so that
+    /// no path needs escaping): layers highest first, an optional upper layer with its
+    /// workdir, everything else at its default.
+    pub fn for_layers(
+        lowerdirs: Vec<PathBuf>,
+        upper: Option<(PathBuf, PathBuf)>,
+        mountpoint: PathBuf,
+    ) -> MountConfig {
+        let (upperdir, workdir) = upper.unzip();
+        MountConfig {
+            source: None,
+            mountpoint,
+            foreground: true,
+            debug: false,
+            lowerdirs,
+            upperdir,
+            workdir,
+            whiteout: None,
+            squash_uid: None,
+            squash_gid: None,
+            fuse: FuseOptions::default(),
+            unknown: Vec::new(),
+        }
+    }
+
     /// Parses a full argument vector (including the program name). `--help` and `--version`
     /// come back as clap errors whose `exit` prints and exits 0.
     pub fn from_args<I, T>(args: I) -> Result<Result<MountConfig, OptionError>, clap::Error>

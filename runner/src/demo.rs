@@ -44,9 +44,13 @@ pub fn run() -> Result<()> {
         if a != b {
             bail!("{path} changed on the host: the container was not isolated");
         }
-        let first = a
-            .as_deref()
-            .map(|d| String::from_utf8_lossy(d).lines().next().unwrap_or("").to_string());
+        let first = a.as_deref().map(|d| {
+            String::from_utf8_lossy(d)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        });
         match first {
             Some(line) => println!("host:    {path} is unchanged ({line:?})"),
             None => println!("host:    {path} is unchanged (absent)"),

@@ -33,11 +33,31 @@ fn target_dir() -> PathBuf {
 ///
 /// Panics when it does not exist: `cargo test -p strata-tests` does not build it.
 pub fn stratafs_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("STRATAFS_BIN") {
+    let bin = built_bin("stratafs", "STRATAFS_BIN");
+    if std::env::var_os("STRATAFS_BIN").is_none() {
+        warn_if_stale(&bin, "fs");
+    }
+    bin
+}
+
+/// Path of the built `strata` runner binary, found like [`stratafs_bin`] (`$STRATA_BIN`
+/// overrides). Panics when it does not exist.
+pub fn strata_bin() -> PathBuf {
+    let bin = built_bin("strata", "STRATA_BIN");
+    if std::env::var_os("STRATA_BIN").is_none() {
+        warn_if_stale(&bin, "runner");
+    }
+    bin
+}
+
+/// `$env` if set, else `name` in the test executable's profile directory, else in
+/// `<target>/debug`.
+fn built_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
         assert!(
             p.is_file(),
-            "STRATAFS_BIN={} does not exist; build it first: cargo build --workspace",
+            "{env}={} does not exist; build it first: cargo build --workspace",
             p.display()
         );
         return p;
@@ -46,32 +66,31 @@ pub fn stratafs_bin() -> PathBuf {
     if let Ok(exe) = std::env::current_exe() {
         // target/<profile>/deps/<test-binary>
         if let Some(profile) = exe.parent().and_then(Path::parent) {
-            candidates.push(profile.join("stratafs"));
+            candidates.push(profile.join(name));
         }
     }
-    candidates.push(target_dir().join("debug").join("stratafs"));
+    candidates.push(target_dir().join("debug").join(name));
     for c in &candidates {
         if c.is_file() {
-            warn_if_stale(c);
             return c.clone();
         }
     }
     panic!(
-        "stratafs binary not found (looked at {candidates:?}); build it first: \
-         cargo build --workspace (or set STRATAFS_BIN)"
+        "{name} binary not found (looked at {candidates:?}); build it first: \
+         cargo build --workspace (or set {env})"
     );
 }
 
-/// Prints a warning when a source file of `fs/` is newer than the binary.
-fn warn_if_stale(bin: &Path) {
+/// Prints a warning when a source file of crate directory `krate` is newer than the binary.
+fn warn_if_stale(bin: &Path, krate: &str) {
     let Ok(bin_time) = fs::metadata(bin).and_then(|m| m.modified()) else {
         return;
     };
-    let newest = newest_mtime(&workspace_dir().join("fs").join("src"));
+    let newest = newest_mtime(&workspace_dir().join(krate).join("src"));
     if let Some(n) = newest {
         if n > bin_time {
             eprintln!(
-                "warning: {} is older than fs/src; run `cargo build -p strata-fs` first",
+                "warning: {} is older than {krate}/src; run `cargo build --workspace` first",
                 bin.display()
             );
         }

@@ -16,7 +16,7 @@ pub mod snapshot;
 pub mod user;
 pub mod writes;
 
-pub use bin::{stratafs_bin, workspace_dir, PublicBin};
+pub use bin::{strata_bin, stratafs_bin, workspace_dir, PublicBin};
 pub use cmd::{run, run_timeout, sh, sh_ok, wait_for, with_timeout, CmdOutput};
 pub use fixtures::{assert_basic_view, basic_stack};
 pub use fsops::{assert_absent, assert_errno, names, Kind};

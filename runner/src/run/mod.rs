@@ -33,7 +33,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 
 use spec::{RunArgs, Spec};
 use strata_fs::layers::LayerStack;
-use strata_fs::options::{FuseOptions, MountConfig};
+use strata_fs::options::MountConfig;
 use strata_fs::overlay::{Overlay, OverlayOptions};
 use userns::IdMap;
 
@@ -324,20 +324,11 @@ fn serve_container(spec: &Spec, rootless: bool, dirs: &Dirs, fg_tty: bool) -> Re
 }
 
 fn open_overlay(spec: &Spec, dirs: &Dirs, rootless: bool) -> Result<Overlay> {
-    let cfg = MountConfig {
-        source: None,
-        mountpoint: dirs.root.clone(),
-        foreground: true,
-        debug: false,
-        lowerdirs: spec.layers.clone(),
-        upperdir: Some(dirs.diff.clone()),
-        workdir: Some(dirs.work.clone()),
-        whiteout: None,
-        squash_uid: None,
-        squash_gid: None,
-        fuse: FuseOptions::default(),
-        unknown: Vec::new(),
-    };
+    let cfg = MountConfig::for_layers(
+        spec.layers.clone(),
+        Some((dirs.diff.clone(), dirs.work.clone())),
+        dirs.root.clone(),
+    );
     let stack = LayerStack::open(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     // Without privilege, files of ids that are not mapped (the host's root, for a host
     // directory as a layer) would lock the container's root out of them.
