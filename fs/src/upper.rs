@@ -178,13 +178,30 @@ impl Upper {
     }
 
     /// Where a renamed upper directory's lower copies live (layer-relative, no leading slash),
-    /// from its `overlay.redirect` xattr; only the absolute form, which is what we write.
-    pub fn read_redirect(&self, dir: BorrowedFd<'_>, name: &CStr) -> Option<Box<[u8]>> {
+    /// from its `overlay.redirect` xattr: an absolute path (what we write), or a single name
+    /// relative to `parent_lower`, the lower path of its parent (the kernel writes that form
+    /// for a rename within one directory).
+    pub fn read_redirect(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        parent_lower: &[u8],
+    ) -> Option<Box<[u8]>> {
         let x = self.redirect.as_ref()?;
         let v = sys::get_xattr_at(dir, name, x).ok()?;
-        let p = v.strip_prefix(b"/")?;
-        let p = p.strip_suffix(b"/").unwrap_or(p);
-        Some(Box::from(p))
+        if let Some(p) = v.strip_prefix(b"/") {
+            let p = p.strip_suffix(b"/").unwrap_or(p);
+            return Some(Box::from(p));
+        }
+        if v.is_empty() || v.contains(&b'/') || v == b"." || v == b".." {
+            return None;
+        }
+        let mut p = parent_lower.to_vec();
+        if !p.is_empty() {
+            p.push(b'/');
+        }
+        p.extend_from_slice(&v);
+        Some(p.into())
     }
 
     /// Records that directory `name` in `dir` is the renamed `lower_path`.

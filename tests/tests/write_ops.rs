@@ -1571,3 +1571,31 @@ fn whiteout_option_selects_the_format() {
         drop(g);
     }
 }
+
+/// An upper written by kernel overlayfs reads the same through stratafs: a directory renamed
+/// within its parent carries the kernel's relative redirect ("sub"), a renamed one elsewhere
+/// an absolute one.
+#[test]
+fn kernel_written_redirects_are_followed() {
+    let sc = Scratch::new();
+    let lower = sc.layer("lower");
+    lower
+        .file("d/sub/f", "f\n")
+        .file("d/sub/deep/g", "g\n")
+        .file("e/x/h", "h\n");
+    let (upper, work, mnt) = (sc.mkdir("upper"), sc.mkdir("work"), sc.mkdir("mnt"));
+    let k = kernel_overlay(&mnt, &[lower.root()], Some((&upper, &work)), KERNEL_OPTS);
+    fs::rename(mnt.join("d/sub"), mnt.join("d/sub2")).unwrap();
+    fs::rename(mnt.join("e/x"), mnt.join("d/x2")).unwrap();
+    let want = snapshot(&mnt);
+    drop(k);
+    let g = Strata::new(&[lower.root()])
+        .upper(&upper, &work)
+        .mount(&mnt);
+    assert_snapshots_eq(
+        "kernel",
+        &want,
+        "stratafs on the kernel's upper",
+        &snapshot(g.path()),
+    );
+}

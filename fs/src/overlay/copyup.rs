@@ -272,7 +272,7 @@ impl Overlay {
             }
             let redirect = self.layer_dir(0, merged_parent).ok().and_then(|fd| {
                 let c = sys::cstring(comp).ok()?;
-                upper.read_redirect(fd.as_fd(), &c)
+                upper.read_redirect(fd.as_fd(), &c, &lower)
             });
             match redirect {
                 Some(r) => lower = r.to_vec(),

@@ -261,7 +261,13 @@ impl Overlay {
                     }
                     if dl.layer == 0 {
                         let up = self.upper.as_ref();
-                        if let Some(r) = up.and_then(|u| u.read_redirect(dir, &cname)) {
+                        // The parent's own lower path, for a redirect relative to it.
+                        let parent_lower = dirs
+                            .iter()
+                            .find(|d| d.layer != 0)
+                            .map_or(&ploc.path[..], |d| d.path_in_layer(&ploc.path));
+                        let r = up.and_then(|u| u.read_redirect(dir, &cname, parent_lower));
+                        if let Some(r) = r {
                             // A renamed directory: its lower copies are where it came from.
                             redirect = Some(r);
                             break;

@@ -483,14 +483,14 @@ impl Overlay {
         let (cname, cnew) = (sys::cstring(name)?, sys::cstring(newname)?);
         let mut redirected = false;
         if let Some(dl) = &src_lower_dir {
-            if upper.read_redirect(pfd.as_fd(), &cname).is_none() {
+            if upper.read_redirect(pfd.as_fd(), &cname, b"").is_none() {
                 upper.write_redirect(pfd.as_fd(), &cname, dl.path_in_layer(&old_path))?;
             }
             redirected = true;
         }
         if exchange {
             if let Some(dl) = &dst_lower_dir {
-                if upper.read_redirect(npfd.as_fd(), &cnew).is_none() {
+                if upper.read_redirect(npfd.as_fd(), &cnew, b"").is_none() {
                     upper.write_redirect(npfd.as_fd(), &cnew, dl.path_in_layer(&new_path))?;
                 }
             }
