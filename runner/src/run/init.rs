@@ -140,6 +140,15 @@ fn passwd_gid(uid: u32) -> Option<u32> {
 fn prepare_child(uid: Option<u32>, gid: Option<u32>, foreground_tty: bool) -> io::Result<()> {
     // SAFETY (whole function): plain system calls on our own process.
     unsafe {
+        // The init waits for these signals with them blocked; the command must not inherit
+        // that (nor exec would clear it).
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        check(libc::sigprocmask(
+            libc::SIG_SETMASK,
+            &none,
+            std::ptr::null_mut(),
+        ))?;
         if foreground_tty {
             // Terminal signals (^C, ^Z) go to the command's group only, once.
             libc::signal(libc::SIGTTOU, libc::SIG_IGN);
