@@ -126,8 +126,8 @@ impl Input {
         })
     }
 
-    /// The output must not be inside a directory the commit reads (checked before it is
-    /// created, so a refused output is never made).
+    /// The output must not be inside the writable layer or its workdir (checked before it
+    /// is created, so a refused output is never made).
     fn check_output(&self, output: &Path) -> Result<()> {
         let out = match fs::canonicalize(output) {
             Ok(p) => p,
@@ -146,8 +146,9 @@ impl Input {
                 _ => bail!("output {} is not a directory path", output.display()),
             },
         };
-        let read = [&self.upper, &self.workdir].into_iter().chain(&self.layers);
-        for d in read {
+        // Lower layers may contain it (the host's / is a common base layer): the commit
+        // only reads their objects by the paths the upper names, and the output is new.
+        for d in [&self.upper, &self.workdir] {
             if out.starts_with(d) {
                 bail!("output {} is inside {}", output.display(), d.display());
             }

@@ -530,3 +530,48 @@ fn bad_input_is_one_line() {
     assert!(line.contains("no-layer"), "{line}");
     assert!(!exists(&sc.join("out2")) && !exists(&sc.join("out3")));
 }
+
+/// The seeds' `docker commit`: a container with a kept writable layer changes files, the
+/// layer is committed, and a new container on the committed layer plus the old stack sees
+/// the changes, deletions included, while the old stack alone does not.
+#[test]
+fn run_commit_then_run_on_the_committed_layer() {
+    let sc = Scratch::new();
+    let app = sc.layer("app");
+    app.file("app/config", "v1\n").file("app/old", "old\n");
+    let container = sc.join("container");
+    let out = sc.join("committed");
+    let args = |v: &[&str]| -> Vec<OsString> { v.iter().map(OsString::from).collect() };
+    let app_s = app.root().to_string_lossy().into_owned();
+    let cont_s = container.to_string_lossy().into_owned();
+    let script = "echo v2 > /app/config && rm /app/old && mkdir -p /app/new && echo n > /app/new/f";
+    strata(&args(&[
+        "run", "--upper", &cont_s, "--layer", &app_s, "--layer", "/", "--", "sh", "-c", script,
+    ]))
+    .expect_success();
+    commit_ok(
+        &container,
+        &out,
+        &[app.root().to_path_buf(), PathBuf::from("/")],
+    );
+    let out_s = out.to_string_lossy().into_owned();
+    let show = "cat /app/config; ls /app; cat /app/new/f";
+    let o = strata(&args(&[
+        "run", "--layer", &out_s, "--layer", &app_s, "--layer", "/", "--", "sh", "-c", show,
+    ]))
+    .expect_success();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "v2\nconfig\nnew\nn\n");
+    let o = strata(&args(&[
+        "run",
+        "--layer",
+        &app_s,
+        "--layer",
+        "/",
+        "--",
+        "sh",
+        "-c",
+        "cat /app/config; ls /app",
+    ]))
+    .expect_success();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "v1\nconfig\nold\n");
+}
