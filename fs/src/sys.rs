@@ -13,7 +13,8 @@ use std::os::unix::ffi::OsStrExt;
 /// Result type of the raw calls: the `errno` of the failed call.
 pub type SysResult<T> = Result<T, i32>;
 
-fn last_errno() -> i32 {
+/// The calling thread's `errno` (EIO if there is none).
+pub fn last_errno() -> i32 {
     io::Error::last_os_error()
         .raw_os_error()
         .unwrap_or(libc::EIO)
@@ -380,6 +381,22 @@ pub fn utimens_at(dir: BorrowedFd<'_>, name: &CStr, times: &[libc::timespec; 2])
     let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
     // SAFETY: valid C string and times array.
     check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), flags) })
+}
+
+/// Gives object `name` in `dir` the access and modification times of `st` (an empty name
+/// changes `dir` itself).
+pub fn set_times_from(dir: BorrowedFd<'_>, name: &CStr, st: &libc::stat) -> SysResult<()> {
+    let times = [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ];
+    utimens_at(dir, name, &times)
 }
 
 /// One entry of a raw directory listing.

@@ -63,7 +63,7 @@ impl Upper {
         clear_child(workdir, WORK_SUBDIR)?;
         // SAFETY: valid fd and C string.
         if unsafe { libc::mkdirat(workdir.as_raw_fd(), WORK_SUBDIR.as_ptr(), 0o700) } < 0 {
-            return Err(errno());
+            return Err(sys::last_errno());
         }
         let work = sys::open_child(workdir, WORK_SUBDIR, libc::O_PATH | libc::O_DIRECTORY)?;
         let whiteout = match forced {
@@ -81,8 +81,8 @@ impl Upper {
         } else {
             // SAFETY: valid fd and C string.
             let r = unsafe { libc::mkdirat(workdir.as_raw_fd(), INDEX_SUBDIR.as_ptr(), 0o700) };
-            if r < 0 && errno() != libc::EEXIST {
-                return Err(errno());
+            if r < 0 && sys::last_errno() != libc::EEXIST {
+                return Err(sys::last_errno());
             }
             Some(sys::open_child(
                 workdir,
@@ -250,7 +250,7 @@ impl Upper {
                 // SAFETY: valid fd and C string.
                 let r = unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), libc::S_IFCHR, 0) };
                 if r < 0 {
-                    return Err(errno());
+                    return Err(sys::last_errno());
                 }
                 Ok(())
             }
@@ -297,12 +297,6 @@ impl Upper {
         drop(fd);
         Ok(())
     }
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
 }
 
 /// Removes `name` in `dir` and everything below it, never following symlinks.

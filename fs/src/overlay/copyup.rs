@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use super::{Overlay, OvlResult, INDEX_LAYER, METACOPY_MIN};
-use crate::inode::{DirLayer, Location, Node};
+use crate::inode::{split_path, DirLayer, Location, Node};
 use crate::sys;
 use crate::upper::{clear_child, Upper};
 use crate::whiteout;
@@ -129,7 +129,7 @@ impl Overlay {
         let Some(data) = &loc.data else {
             return Ok(());
         };
-        let (dparent, dname) = split(&data.path);
+        let (dparent, dname) = split_path(&data.path);
         let src_dir = self.layer_dir(data.layer, dparent)?;
         let src_name = sys::cstring(dname)?;
         let (dir, name) = self.object_at(loc)?;
@@ -140,7 +140,7 @@ impl Overlay {
             let dst = sys::reopen_at(dir.as_fd(), &name, libc::O_WRONLY)?;
             copy_fd_data(src.as_fd(), dst.as_fd(), ust.st_size as u64)?;
             upper.remove_metacopy(dir.as_fd(), &name)?;
-            return set_times(dir.as_fd(), &name, &ust);
+            return sys::set_times_from(dir.as_fd(), &name, &ust);
         }
         let work = upper.work.as_fd();
         let tmp = upper.temp_name();
@@ -150,10 +150,10 @@ impl Overlay {
             if let Some((dev, ino)) = upper.read_origin(dir.as_fd(), &name) {
                 upper.write_origin(work, &tmp, dev, ino);
             }
-            set_times(work, &tmp, &ust)?;
+            sys::set_times_from(work, &tmp, &ust)?;
             let parent_st = sys::stat_fd(dir.as_fd())?;
             sys::rename_at(work, &tmp, dir.as_fd(), &name, 0)?;
-            set_times(dir.as_fd(), c"", &parent_st)
+            sys::set_times_from(dir.as_fd(), c"", &parent_st)
         })();
         let _ = clear_child(work, &tmp);
         built
@@ -177,7 +177,7 @@ impl Overlay {
             Err(libc::EEXIST) => return Ok(()), // another thread linked this name up
             Err(e) => return Err(e),
         }
-        set_times(dst_dir, c"", &parent_st)?;
+        sys::set_times_from(dst_dir, c"", &parent_st)?;
         let diff = upper.read_nlink_diff(index.as_fd(), key).unwrap_or(0);
         upper.write_nlink_diff(index.as_fd(), key, diff - 1)
     }
@@ -225,13 +225,13 @@ impl Overlay {
     /// Copies up the directory at `path` (whose parent is already in the upper layer) from its
     /// topmost lower copy, metadata only, and updates its node if the kernel holds one.
     fn copy_up_dir(&self, upper: &Upper, path: &[u8]) -> OvlResult<()> {
-        let (parent, name) = split(path);
+        let (parent, name) = split_path(path);
         let pfd = self.layer_dir(0, parent)?;
         let lower = super::join(&self.lower_path_of(parent), name);
         let (layer, src) = (1..self.stack.len() as u16)
             .find_map(|l| self.layer_dir(l, &lower).ok().map(|fd| (l, fd)))
             .ok_or(libc::ENOENT)?;
-        let (src_parent, src_name) = split(&lower);
+        let (src_parent, src_name) = split_path(&lower);
         let src_pfd = self.layer_dir(layer, src_parent)?;
         let st = sys::stat_fd(src.as_fd())?;
         let ino = self.inos.ino(st.st_dev, st.st_ino);
@@ -338,12 +338,12 @@ impl Overlay {
             if let Some(path) = meta_only {
                 upper.write_metacopy(work, &tmp, path)?;
             }
-            set_times(work, &tmp, st)?;
+            sys::set_times_from(work, &tmp, st)?;
             // Copy-up is not a change the user made: the parent keeps its times, as in the
             // kernel.
             let parent_st = sys::stat_fd(dst_dir)?;
             match sys::rename_at(work, &tmp, dst_dir, dst_name, libc::RENAME_NOREPLACE) {
-                Ok(()) => set_times(dst_dir, c"", &parent_st),
+                Ok(()) => sys::set_times_from(dst_dir, c"", &parent_st),
                 Err(libc::EEXIST) => Ok(()),
                 Err(e) => Err(e),
             }
@@ -365,13 +365,6 @@ struct Source<'a> {
 impl<'a> Source<'a> {
     fn new(dir: BorrowedFd<'a>, name: &'a CStr, st: &'a libc::stat) -> Source<'a> {
         Source { dir, name, st }
-    }
-}
-
-fn split(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (&[], path),
     }
 }
 
@@ -409,7 +402,7 @@ pub(crate) fn copy_fd_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) 
     }
     // SAFETY: plain ftruncate; makes a trailing hole part of the size.
     if unsafe { libc::ftruncate(dst.as_raw_fd(), size as i64) } < 0 {
-        return Err(errno());
+        return Err(sys::last_errno());
     }
     Ok(())
 }
@@ -439,7 +432,7 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: i64) ->
             if n == 0 {
                 break;
             }
-            match errno() {
+            match sys::last_errno() {
                 libc::EINTR => continue,
                 libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP => use_cfr = false,
                 e => return Err(e),
@@ -449,7 +442,7 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: i64) ->
         // SAFETY: buffer valid for its length.
         let n = unsafe { libc::pread(src.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), ioff) };
         if n < 0 {
-            match errno() {
+            match sys::last_errno() {
                 libc::EINTR => continue,
                 e => return Err(e),
             }
@@ -469,7 +462,7 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: i64) ->
                 )
             };
             if m < 0 {
-                match errno() {
+                match sys::last_errno() {
                     libc::EINTR => continue,
                     e => return Err(e),
                 }
@@ -521,24 +514,4 @@ fn copy_metadata(
         }
     }
     Ok(())
-}
-
-fn set_times(dir: BorrowedFd<'_>, name: &CStr, st: &libc::stat) -> OvlResult<()> {
-    let times = [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ];
-    sys::utimens_at(dir, name, &times)
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
 }

@@ -490,8 +490,11 @@ impl Overlay {
         let mut st = sys::stat_at(dir.as_fd(), &name)?;
         self.fix_nlink(loc.layer, dir.as_fd(), &name, &mut st);
         if let Some(d) = &loc.data {
-            if let Ok(fd) = self.open_data(d, libc::O_PATH) {
-                st.st_blocks = sys::stat_fd(fd.as_fd())?.st_blocks;
+            let (parent, name) = split_path(&d.path);
+            if let Ok(dfd) = self.layer_dir(d.layer, parent) {
+                if let Ok(lst) = sys::stat_at(dfd.as_fd(), &sys::cstring(name)?) {
+                    st.st_blocks = lst.st_blocks;
+                }
             }
         }
         Ok(st)

@@ -686,7 +686,7 @@ impl Overlay {
             let r =
                 unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, length as i64) };
             if r < 0 {
-                Err(errno())
+                Err(sys::last_errno())
             } else {
                 Ok(())
             }
@@ -699,7 +699,7 @@ impl Overlay {
             // SAFETY: plain lseek on our descriptor.
             let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
             if r < 0 {
-                Err(errno())
+                Err(sys::last_errno())
             } else {
                 Ok(r)
             }
@@ -728,7 +728,7 @@ impl Overlay {
                 if n >= 0 {
                     return Ok(Some(n as u32));
                 }
-                match errno() {
+                match sys::last_errno() {
                     libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP => Ok(None),
                     e => Err(e),
                 }
@@ -842,10 +842,4 @@ fn pin_lower_paths(l: &mut Location, was: &[u8]) {
             .collect();
         l.dir = Some(pinned.into());
     }
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
 }

@@ -10,6 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use strata_fs::inode::split_path;
 use strata_fs::{sys, whiteout};
 
 use super::upper::{cstring, open_dir};
@@ -52,7 +53,7 @@ impl Output {
 
     /// Whether the output already holds `path`.
     pub fn exists(&mut self, path: &[u8]) -> Result<bool> {
-        let (parent, name) = split(path);
+        let (parent, name) = split_path(path);
         let name = cstring(name)?;
         match open_dir(self.root.as_fd(), parent) {
             Ok(fd) => Ok(sys::stat_at(fd.as_fd(), &name).is_ok()),
@@ -77,7 +78,7 @@ impl Output {
         st: &libc::stat,
         xattrs: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<()> {
-        let (parent, name) = split(path);
+        let (parent, name) = split_path(path);
         let cname = cstring(name)?;
         let dir = self.dir(parent)?;
         // Owner-writable until finish, whatever its final mode.
@@ -100,7 +101,7 @@ impl Output {
         xattrs: &[(Vec<u8>, Vec<u8>)],
         fill: impl FnOnce(&File) -> Result<()>,
     ) -> Result<()> {
-        let (parent, name) = split(path);
+        let (parent, name) = split_path(path);
         let cname = cstring(name)?;
         let dir = self.dir(parent)?;
         let fd = sys::create_child(dir, &cname, libc::O_EXCL | libc::O_WRONLY, 0o600)
@@ -118,7 +119,7 @@ impl Output {
         st: &libc::stat,
         xattrs: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<()> {
-        let (parent, name) = split(path);
+        let (parent, name) = split_path(path);
         let cname = cstring(name)?;
         let dir = self.dir(parent)?;
         sys::symlink_at(&cstring(target)?, dir, &cname)
@@ -134,7 +135,7 @@ impl Output {
         st: &libc::stat,
         xattrs: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<()> {
-        let (parent, name) = split(path);
+        let (parent, name) = split_path(path);
         let cname = cstring(name)?;
         let dir = self.dir(parent)?;
         let kind = st.st_mode & libc::S_IFMT;
@@ -146,9 +147,9 @@ impl Output {
 
     /// Makes `path` another name of the already written `existing`.
     pub fn link(&mut self, existing: &[u8], path: &[u8]) -> Result<()> {
-        let (oparent, oname) = split(existing);
+        let (oparent, oname) = split_path(existing);
         let odir = open_dir(self.root.as_fd(), oparent)?;
-        let (parent, name) = split(path);
+        let (parent, name) = split_path(path);
         let cname = cstring(name)?;
         let dir = self.dir(parent)?;
         sys::link_at(odir.as_fd(), &cstring(oname)?, dir, &cname)
@@ -239,17 +240,7 @@ fn set_xattrs(dir: BorrowedFd<'_>, name: &CStr, xattrs: &[(Vec<u8>, Vec<u8>)]) -
 }
 
 fn set_times(dir: BorrowedFd<'_>, name: &CStr, st: &libc::stat) -> Result<()> {
-    let times = [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ];
-    sys::utimens_at(dir, name, &times)
+    sys::set_times_from(dir, name, st)
         .map_err(os_err)
         .context("setting times")
 }
@@ -259,14 +250,6 @@ fn depth(path: &[u8]) -> usize {
     match path {
         [] => 0,
         p => 1 + p.iter().filter(|&&b| b == b'/').count(),
-    }
-}
-
-/// `(parent, name)` of a layer-relative path.
-fn split(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (&[], path),
     }
 }
 
