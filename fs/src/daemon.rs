@@ -137,7 +137,12 @@ fn fuse_config(cfg: &MountConfig, writable: bool) -> Config {
     opts.extend(flag(f.atime, MountOption::Atime, MountOption::NoAtime));
     let mut config = Config::default();
     config.mount_options = opts;
-    config.acl = if f.allow_other {
+    // Privileged (as root, or as root of a user namespace such as rootless Podman's), the
+    // mount serves every user, as fuse-overlayfs does: containers with their own id
+    // mappings (`--userns=keep-id`) reach it as other users. Unprivileged, fusermount3 would
+    // refuse allow_other without user_allow_other in /etc/fuse.conf.
+    let privileged = nix::unistd::geteuid().is_root();
+    config.acl = if f.allow_other || privileged {
         SessionACL::All
     } else if f.allow_root {
         SessionACL::RootAndOwner
@@ -169,8 +174,8 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
     let opts = OverlayOptions {
         read_only: cfg.fuse.read_only,
         whiteout: cfg.whiteout,
-        squash_uid: cfg.squash_uid,
-        squash_gid: cfg.squash_gid,
+        ids: cfg.id_maps(),
+        volatile: cfg.volatile,
     };
     let ov = Arc::new(Overlay::new(stack, opts).map_err(|e| {
         let err = std::io::Error::from_raw_os_error(e);

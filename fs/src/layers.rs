@@ -11,6 +11,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::options::MountConfig;
+use crate::statoverride;
 
 /// Why the layer directories cannot be used; each names the offending path.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,9 @@ pub struct Layer {
     pub dev: u64,
     /// Whether this is the writable upper layer.
     pub writable: bool,
+    /// The xattr holding owners and modes that override the inode's, when the layer uses
+    /// one (see [`crate::statoverride`]).
+    pub stat_override: Option<&'static std::ffi::CStr>,
 }
 
 impl Layer {
@@ -88,7 +92,10 @@ impl LayerStack {
         let mut layers = Vec::with_capacity(cfg.lowerdirs.len() + 1);
         let mut workdir = None;
         if let (Some(upper), Some(work)) = (&cfg.upperdir, &cfg.workdir) {
-            let up = open_dir("upperdir", upper, true)?;
+            let mut up = open_dir("upperdir", upper, true)?;
+            if let Some(x) = statoverride::for_option(cfg.xattr_permissions) {
+                up.stat_override = Some(x);
+            }
             let wk = open_dir("workdir", work, true)?;
             if up.dev != wk.dev {
                 return Err(StackError::WorkdirOtherFs {
@@ -152,9 +159,11 @@ fn open_dir(role: &'static str, path: &Path, writable: bool) -> Result<Layer, St
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| bad(describe(&e)))?;
+    let root = OwnedFd::from(file);
     Ok(Layer {
         path: path.to_path_buf(),
-        root: OwnedFd::from(file),
+        stat_override: statoverride::detect(root.as_fd()),
+        root,
         dev: meta.dev(),
         writable,
     })

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::idmap::{parse_ranges, IdMaps, IdRange, IdTranslation};
 use crate::upper::WhiteoutFormat;
 
 /// A command-line problem, reported as one line and a non-zero exit.
@@ -17,8 +18,8 @@ pub enum OptionError {
     /// No `lowerdir=` was given.
     #[error("no lowerdir= given: at least one lower layer is required")]
     NoLowerdir,
-    /// `lowerdir=` with nothing after it, or an empty layer between colons.
-    #[error("lowerdir= has an empty layer path: {0:?}")]
+    /// `lowerdir=` naming no layer at all.
+    #[error("lowerdir= names no layer: {0:?}")]
     EmptyLayer(String),
     /// A known option whose value does not parse.
     #[error("invalid value for option {name}: {value:?} ({why})")]
@@ -53,7 +54,8 @@ pub enum OptionError {
     version,
     about = "A FUSE union filesystem with overlayfs semantics (fuse-overlayfs compatible)",
     after_help = "Overlay options: lowerdir=TOP:...:BOTTOM (\\: escapes a colon), upperdir=DIR, \
-workdir=DIR, whiteout=auto|chardev|oci, squash_to_root, squash_to_uid=N, squash_to_gid=N.\nMount options: allow_other, allow_root, default_permissions, ro, [no]suid, [no]dev, \
+workdir=DIR, whiteout=auto|chardev|oci, squash_to_root, squash_to_uid=N, squash_to_gid=N, \
+uidmapping=STORED:SHOWN:N[:...], gidmapping=..., xattr_permissions=0|1|2, volatile.\nMount options: allow_other, allow_root, default_permissions, ro, [no]suid, [no]dev, \
 [no]exec, [no]atime, max_write=N, fsname=NAME.\nUnknown options are reported and ignored."
 )]
 struct RawArgs {
@@ -118,14 +120,38 @@ pub struct MountConfig {
     pub squash_uid: Option<u32>,
     /// `squash_to_gid=N` (or `squash_to_root`): every object is shown as owned by gid N.
     pub squash_gid: Option<u32>,
+    /// `uidmapping=`: stored uids and the uids the mount shows for them.
+    pub uid_ranges: Vec<IdRange>,
+    /// `gidmapping=`: stored gids and the gids the mount shows for them.
+    pub gid_ranges: Vec<IdRange>,
+    /// `volatile` (or fuse-overlayfs's `fsync=0`): fsync is a no-op, as with the kernel's
+    /// `volatile`; the upper layer is thrown away if the machine crashes.
+    pub volatile: bool,
+    /// `xattr_permissions=1|2`: owners and modes the filesystem cannot hold (rootless) are
+    /// kept in an override xattr (`security.` or `user.` namespace); 0 turns it off.
+    pub xattr_permissions: u8,
     /// Generic FUSE/mount options.
     pub fuse: FuseOptions,
     /// Options that were not understood; each is reported on stderr and ignored.
     pub unknown: Vec<String>,
 }
 
-/// Options accepted for compatibility that change nothing here.
+/// Options accepted for compatibility that change nothing here: mount(8) generics, and
+/// fuse-overlayfs tuning knobs whose job stratafs does on its own (`threaded`, `writeback`,
+/// `fast_ino`, `static_nlink`, `noacl`, `timeout=`, `redirect_dir=`), and SELinux `context=`
+/// (labels come from the mount's caller, not from us).
 const ACCEPTED_AND_IGNORED: &[&str] = &[
+    "context",
+    "fscontext",
+    "defcontext",
+    "rootcontext",
+    "threaded",
+    "writeback",
+    "fast_ino",
+    "static_nlink",
+    "noacl",
+    "timeout",
+    "redirect_dir",
     "rw",
     "defaults",
     "default_permissions",
@@ -166,8 +192,26 @@ impl MountConfig {
             whiteout: None,
             squash_uid: None,
             squash_gid: None,
+            uid_ranges: Vec::new(),
+            gid_ranges: Vec::new(),
+            volatile: false,
+            xattr_permissions: 0,
             fuse: FuseOptions::default(),
             unknown: Vec::new(),
+        }
+    }
+
+    /// How stored owners are to be shown, from the mapping and squash options.
+    pub fn id_maps(&self) -> IdMaps {
+        IdMaps {
+            uid: IdTranslation {
+                ranges: self.uid_ranges.clone(),
+                squash: self.squash_uid,
+            },
+            gid: IdTranslation {
+                ranges: self.gid_ranges.clone(),
+                squash: self.squash_gid,
+            },
         }
     }
 
@@ -201,6 +245,10 @@ impl MountConfig {
             whiteout: None,
             squash_uid: None,
             squash_gid: None,
+            uid_ranges: Vec::new(),
+            gid_ranges: Vec::new(),
+            volatile: false,
+            xattr_permissions: 0,
             fuse: FuseOptions::default(),
             unknown: Vec::new(),
         };
@@ -274,6 +322,38 @@ impl MountConfig {
                 self.squash_gid = Some(0);
             }
             "squash_to_uid" => self.squash_uid = Some(parse_id(name, need(value)?)?),
+            "uidmapping" => self.uid_ranges = parse_mapping(name, need(value)?)?,
+            "gidmapping" => self.gid_ranges = parse_mapping(name, need(value)?)?,
+            "volatile" => self.volatile = true,
+            "fsync" => {
+                let v = need(value)?;
+                self.volatile = match v {
+                    "0" => true,
+                    "1" => false,
+                    _ => {
+                        return Err(OptionError::BadValue {
+                            name: name.to_string(),
+                            value: v.to_string(),
+                            why: "expected 0 or 1",
+                        })
+                    }
+                };
+            }
+            "xattr_permissions" => {
+                let v = need(value)?;
+                self.xattr_permissions = match v {
+                    "0" => 0,
+                    "1" => 1,
+                    "2" => 2,
+                    _ => {
+                        return Err(OptionError::BadValue {
+                            name: name.to_string(),
+                            value: v.to_string(),
+                            why: "expected 0, 1 or 2",
+                        })
+                    }
+                };
+            }
             "squash_to_gid" => self.squash_gid = Some(parse_id(name, need(value)?)?),
             "allow_other" => self.fuse.allow_other = true,
             "allow_root" => self.fuse.allow_root = true,
@@ -315,6 +395,14 @@ impl MountConfig {
     }
 }
 
+fn parse_mapping(name: &str, v: &str) -> Result<Vec<IdRange>, OptionError> {
+    parse_ranges(v).map_err(|e| OptionError::BadValue {
+        name: name.to_string(),
+        value: v.to_string(),
+        why: e.0,
+    })
+}
+
 fn parse_id(name: &str, v: &str) -> Result<u32, OptionError> {
     v.parse().map_err(|_| OptionError::BadValue {
         name: name.to_string(),
@@ -335,13 +423,20 @@ fn nonempty_path(name: &str, v: &str) -> Result<PathBuf, OptionError> {
 }
 
 /// Splits one `-o` argument at commas. A backslash keeps the next character literally for
-/// the layer list parser (`\:`), and `\,` keeps a comma inside a value.
+/// the layer list parser (`\:`), and `\,` keeps a comma inside a value. Commas inside double
+/// quotes do not split either: SELinux contexts such as `context="...:s0:c1,c2"` carry them.
 fn split_options(group: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
+    let mut quoted = false;
     let mut chars = group.chars();
     while let Some(c) = chars.next() {
         match c {
+            '"' => {
+                quoted = !quoted;
+                cur.push(c);
+            }
+            ',' if quoted => cur.push(c),
             '\\' => {
                 cur.push('\\');
                 if let Some(n) = chars.next() {
@@ -357,10 +452,9 @@ fn split_options(group: &str) -> Vec<String> {
 }
 
 /// Parses `TOP:...:BOTTOM`, where `\:` is a literal colon and `\\` a literal backslash.
+/// Empty entries (`A::B`, a trailing colon) are skipped, as fuse-overlayfs does; a list with
+/// no layer at all is an error.
 fn parse_lowerdir(v: &str) -> Result<Vec<PathBuf>, OptionError> {
-    if v.is_empty() {
-        return Err(OptionError::EmptyLayer(v.to_string()));
-    }
     let mut layers = Vec::new();
     let mut cur = String::new();
     let mut chars = v.chars();
@@ -371,18 +465,19 @@ fn parse_lowerdir(v: &str) -> Result<Vec<PathBuf>, OptionError> {
                 None => cur.push('\\'),
             },
             ':' => {
-                if cur.is_empty() {
-                    return Err(OptionError::EmptyLayer(v.to_string()));
+                if !cur.is_empty() {
+                    layers.push(PathBuf::from(std::mem::take(&mut cur)));
                 }
-                layers.push(PathBuf::from(std::mem::take(&mut cur)));
             }
             c => cur.push(c),
         }
     }
-    if cur.is_empty() {
+    if !cur.is_empty() {
+        layers.push(PathBuf::from(cur));
+    }
+    if layers.is_empty() {
         return Err(OptionError::EmptyLayer(v.to_string()));
     }
-    layers.push(PathBuf::from(cur));
     Ok(layers)
 }
 
@@ -460,6 +555,27 @@ mod tests {
     }
 
     #[test]
+    fn containers_storage_line() {
+        // As Podman writes it for --userns=keep-id: an empty entry, volatile, mappings with a
+        // leading colon, and an empty layer in the list.
+        let c = parse(&[
+            "-o",
+            "lowerdir=/l/A::/l/B:,upperdir=/u,workdir=/w,,volatile,context=\"system_u:object_r:container_file_t:s0:c1,c2\",uidmapping=:0:1:1001:1001:0:1,gidmapping=:0:1:1001,xattr_permissions=2",
+            "/m",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.lowerdirs,
+            vec![PathBuf::from("/l/A"), PathBuf::from("/l/B")]
+        );
+        assert!(c.volatile);
+        assert_eq!(c.uid_ranges.len(), 2);
+        assert_eq!(c.gid_ranges.len(), 1);
+        assert_eq!(c.xattr_permissions, 2);
+        assert!(c.unknown.is_empty(), "{:?}", c.unknown);
+    }
+
+    #[test]
     fn errors() {
         assert_eq!(parse(&["/m"]), Err(OptionError::NoLowerdir));
         assert!(matches!(
@@ -467,8 +583,16 @@ mod tests {
             Err(OptionError::EmptyLayer(_))
         ));
         assert!(matches!(
-            parse(&["-o", "lowerdir=/a::/b", "/m"]),
+            parse(&["-o", "lowerdir=::", "/m"]),
             Err(OptionError::EmptyLayer(_))
+        ));
+        assert!(matches!(
+            parse(&["-o", "lowerdir=/a,uidmapping=0:1", "/m"]),
+            Err(OptionError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse(&["-o", "lowerdir=/a,xattr_permissions=3", "/m"]),
+            Err(OptionError::BadValue { .. })
         ));
         assert!(matches!(
             parse(&["-o", "lowerdir=/a,max_write=abc", "/m"]),

@@ -20,10 +20,12 @@ use std::sync::Arc;
 use crate::dirmerge::{self, DirEntry};
 use crate::fdcache::DirFdCache;
 use crate::handles::{Handle, HandleTable, OpenFile};
+use crate::idmap::IdMaps;
 use crate::inode::{
     split_path, DirLayer, InoMapper, Location, LowerData, Node, NodeTable, ROOT_INO,
 };
 use crate::layers::LayerStack;
+use crate::statoverride;
 use crate::sys;
 use crate::upper::{Upper, WhiteoutFormat};
 use crate::whiteout;
@@ -58,10 +60,10 @@ pub struct OverlayOptions {
     pub read_only: bool,
     /// Whiteout format to write; probed from the upper filesystem when `None`.
     pub whiteout: Option<WhiteoutFormat>,
-    /// Report every object as owned by this uid (fuse-overlayfs's `squash_to_uid`).
-    pub squash_uid: Option<u32>,
-    /// Report every object as owned by this gid (fuse-overlayfs's `squash_to_gid`).
-    pub squash_gid: Option<u32>,
+    /// How stored owners are shown (`uidmapping=`, `gidmapping=`, `squash_to_*`).
+    pub ids: IdMaps,
+    /// fsync does nothing (`volatile`).
+    pub volatile: bool,
 }
 
 /// A merged view over a [`LayerStack`].
@@ -74,7 +76,10 @@ pub struct Overlay {
     handles: HandleTable,
     upper: Option<Upper>,
     read_only: bool,
-    squash: (Option<u32>, Option<u32>),
+    ids: IdMaps,
+    volatile: bool,
+    /// Some layer keeps owners in an override xattr, which users must not see.
+    hides_override: bool,
 }
 
 /// What a name in a directory resolves to.
@@ -111,6 +116,7 @@ impl Overlay {
             _ => None,
         };
         let inos = InoMapper::with_devs(stack.layers().iter().map(|l| l.dev));
+        let hides_override = stack.layers().iter().any(|l| l.stat_override.is_some());
         let ov = Overlay {
             stack,
             nodes: NodeTable::default(),
@@ -119,7 +125,9 @@ impl Overlay {
             handles: HandleTable::default(),
             upper,
             read_only: opts.read_only,
-            squash: (opts.squash_uid, opts.squash_gid),
+            hides_override,
+            ids: opts.ids,
+            volatile: opts.volatile,
         };
         let mut dirs = Vec::new();
         for (i, layer) in ov.stack.layers().iter().enumerate() {
@@ -185,14 +193,10 @@ impl Overlay {
         if merged_dir {
             st.st_nlink = 1;
         }
-        // Rootless use: owners that mean nothing in the caller's user namespace (or whose
-        // permissions would lock its root out) are shown as one owner.
-        if let Some(uid) = self.squash.0 {
-            st.st_uid = uid;
-        }
-        if let Some(gid) = self.squash.1 {
-            st.st_gid = gid;
-        }
+        // Stored owners as the mount's users should see them: mapped into their user
+        // namespace, or squashed to one owner.
+        st.st_uid = self.ids.uid.shown(st.st_uid);
+        st.st_gid = self.ids.gid.shown(st.st_gid);
         Attr { st }
     }
 
@@ -470,6 +474,8 @@ impl Overlay {
             data: r.data,
             pinned: None,
         };
+        let mut st = r.st;
+        self.apply_override(&loc, &mut st);
         let node = self.nodes.lookup(ino, || Node::new(ino, kind, loc.clone()));
         // The latest name wins: a hard link reached by another name, or an object moved in a
         // way we did not see, is found where it is now.
@@ -477,7 +483,22 @@ impl Overlay {
             let _guard = node.copy_lock.lock();
             *node.loc.write() = loc;
         }
-        self.attr(r.st, ino, merged_dir)
+        self.attr(st, ino, merged_dir)
+    }
+
+    /// Applies the owner and mode override of `loc`'s layer, if it keeps them in an xattr.
+    pub(crate) fn apply_override(&self, loc: &Location, st: &mut libc::stat) {
+        let layer = if loc.layer == INDEX_LAYER {
+            0
+        } else {
+            loc.layer
+        };
+        let Some(xname) = self.stack.get(layer).stat_override else {
+            return;
+        };
+        if let Ok((dir, name)) = self.object_at(loc) {
+            statoverride::apply(xname, dir.as_fd(), &name, st);
+        }
     }
 
     /// Drops `n` kernel references to `ino`.
@@ -489,6 +510,7 @@ impl Overlay {
         let (dir, name) = self.object_at(loc)?;
         let mut st = sys::stat_at(dir.as_fd(), &name)?;
         self.fix_nlink(loc.layer, dir.as_fd(), &name, &mut st);
+        self.apply_override(loc, &mut st);
         if let Some(d) = &loc.data {
             let (parent, name) = split_path(&d.path);
             if let Ok(dfd) = self.layer_dir(d.layer, parent) {
@@ -699,6 +721,9 @@ impl Overlay {
         let node = self.node(ino)?;
         let loc = node.loc.read().clone();
         let (dir, cname) = self.object_at(&loc)?;
+        if self.hides_override && statoverride::is_override_name(name.as_bytes()) {
+            return Err(libc::ENODATA);
+        }
         let stored = sys::cstring(&whiteout::stored_xattr_name(name.as_bytes()))?;
         sys::get_xattr_at(dir.as_fd(), &cname, &stored)
     }
@@ -711,6 +736,9 @@ impl Overlay {
         let raw = sys::list_xattr_at(dir.as_fd(), &cname)?;
         let mut out = Vec::with_capacity(raw.len());
         for n in raw.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if self.hides_override && statoverride::is_override_name(n) {
+                continue;
+            }
             if let Some(v) = whiteout::visible_xattr_name(n) {
                 out.extend_from_slice(&v);
                 out.push(0);

@@ -12,6 +12,7 @@ use super::{join, Attr, Overlay, OvlResult, Resolved, INDEX_LAYER};
 use crate::dirmerge;
 use crate::handles::{Handle, OpenFile};
 use crate::inode::{DirLayer, Location, Node};
+use crate::statoverride;
 use crate::sys;
 use crate::upper::{clear_child, WhiteoutFormat};
 use crate::whiteout;
@@ -149,14 +150,39 @@ impl Overlay {
         } else {
             who.gid
         };
-        match sys::chown_at(pfd.as_fd(), &cname, who.uid, gid) {
-            Ok(()) | Err(libc::EPERM) | Err(libc::EINVAL) => {}
-            Err(e) => return Err(e),
-        }
-        // chown clears set-id bits; the caller asked for them, so put them back.
+        let uid = self.ids.uid.stored(who.uid);
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            gid
+        } else {
+            self.ids.gid.stored(gid)
+        };
         let st0 = sys::stat_at(pfd.as_fd(), &cname)?;
-        if (st0.st_mode & libc::S_IFMT) != libc::S_IFLNK && want_mode & 0o6000 != 0 {
-            sys::chmod_at(pfd.as_fd(), &cname, want_mode & 0o7777)?;
+        if let Some(xname) = self.stack.get(0).stat_override {
+            // The owner and the asked-for mode go in the override; the inode keeps the
+            // daemon's own ids, which is all an unprivileged writer can give it.
+            let mode = if (st0.st_mode & libc::S_IFMT) == libc::S_IFDIR {
+                want_mode & 0o7777
+            } else {
+                st0.st_mode & 0o7777 | (want_mode & 0o6000)
+            };
+            statoverride::store(
+                xname,
+                pfd.as_fd(),
+                &cname,
+                &st0,
+                Some(uid),
+                Some(gid),
+                Some(mode),
+            )?;
+        } else {
+            match sys::chown_at(pfd.as_fd(), &cname, uid, gid) {
+                Ok(()) | Err(libc::EPERM) | Err(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+            // chown clears set-id bits; the caller asked for them, so put them back.
+            if (st0.st_mode & libc::S_IFMT) != libc::S_IFLNK && want_mode & 0o6000 != 0 {
+                sys::chmod_at(pfd.as_fd(), &cname, want_mode & 0o7777)?;
+            }
         }
         // A new directory where a lower one was deleted must not show the old contents.
         if is_dir && had_whiteout && self.lower_has(&ploc, name)? {
@@ -655,6 +681,9 @@ impl Overlay {
     /// Flushes handle `fh` to stable storage.
     pub fn fsync(&self, fh: u64, datasync: bool) -> OvlResult<()> {
         let h = self.open_file(fh)?;
+        if self.volatile {
+            return Ok(());
+        }
         let Handle::File(of) = h.as_ref() else {
             return Ok(());
         };
@@ -769,17 +798,32 @@ impl Overlay {
                     .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
             }
         }
-        if set.uid.is_some() || set.gid.is_some() {
-            sys::chown_at(
-                dir.as_fd(),
-                &cname,
-                set.uid.unwrap_or(u32::MAX),
-                set.gid.unwrap_or(u32::MAX),
-            )?;
-        }
-        if let Some(mode) = set.mode {
-            if node.kind != libc::S_IFLNK {
-                sys::chmod_at(dir.as_fd(), &cname, mode & 0o7777)?;
+        let uid = set.uid.map(|u| self.ids.uid.stored(u));
+        let gid = set.gid.map(|g| self.ids.gid.stored(g));
+        if let Some(xname) = self.stack.get(0).stat_override {
+            if uid.is_some() || gid.is_some() || set.mode.is_some() {
+                let mut st = sys::stat_at(dir.as_fd(), &cname)?;
+                self.apply_override(&loc, &mut st);
+                statoverride::store(xname, dir.as_fd(), &cname, &st, uid, gid, set.mode)?;
+            }
+        } else {
+            if uid.is_some() || gid.is_some() {
+                match sys::chown_at(
+                    dir.as_fd(),
+                    &cname,
+                    uid.unwrap_or(u32::MAX),
+                    gid.unwrap_or(u32::MAX),
+                ) {
+                    // With squashing the mount shows one owner whatever is stored, so a chown
+                    // the filesystem refuses is not the caller's failure (fuse-overlayfs agrees).
+                    Err(libc::EPERM) | Err(libc::EINVAL) if self.ids.squashing() => {}
+                    r => r?,
+                }
+            }
+            if let Some(mode) = set.mode {
+                if node.kind != libc::S_IFLNK {
+                    sys::chmod_at(dir.as_fd(), &cname, mode & 0o7777)?;
+                }
             }
         }
         if set.atime.is_some() || set.mtime.is_some() {

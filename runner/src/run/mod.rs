@@ -333,12 +333,9 @@ fn open_overlay(spec: &Spec, dirs: &Dirs, rootless: bool) -> Result<Overlay> {
     // Without privilege, files of ids that are not mapped (the host's root, for a host
     // directory as a layer) would lock the container's root out of them.
     let squash = rootless.then_some(0);
-    let opts = OverlayOptions {
-        read_only: false,
-        whiteout: None,
-        squash_uid: squash,
-        squash_gid: squash,
-    };
+    let mut opts = OverlayOptions::default();
+    opts.ids.uid.squash = squash;
+    opts.ids.gid.squash = squash;
     Overlay::new(stack, opts).map_err(|e| {
         anyhow::anyhow!(
             "preparing the writable layer {}: {}",
