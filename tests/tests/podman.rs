@@ -500,6 +500,21 @@ fn workflow(who: Who) {
         Who::Rootless => w.podman(&["unshare", "sh", "-c", script]),
     };
     assert_eq!(out, "new\nk2\n", "{who:?}: podman mount");
+    // image mount: a read-only mount, without an upper and with an empty lower directory.
+    let script = format!(
+        "m=$(podman image mount {base}) && cat \"$m/etc/motd\" && \
+         (touch \"$m/x\" 2>/dev/null && echo writable || echo read-only) && \
+         podman image umount {base} >/dev/null"
+    );
+    let out = match who {
+        Who::Root => {
+            let o = w.try_tool("sh", &["-c", &script]);
+            assert!(o.success(), "{}", o.describe());
+            o.stdout_str()
+        }
+        Who::Rootless => w.podman(&["unshare", "sh", "-c", &script]),
+    };
+    assert_eq!(out, "base motd\nread-only\n", "{who:?}: podman image mount");
 
     // A build with several RUN and COPY steps.
     let ctx = w.sc.join("ctx");
