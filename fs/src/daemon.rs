@@ -20,6 +20,7 @@ use crate::fuse::StrataFuse;
 use crate::layers::LayerStack;
 use crate::options::MountConfig;
 use crate::overlay::{Overlay, OverlayOptions};
+use crate::stats::RequestStats;
 use crate::upper::WhiteoutFormat;
 
 /// FUSE worker threads, each with its own device descriptor.
@@ -162,6 +163,11 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         signals.add(s);
     }
+    // With request counting on, SIGUSR1 dumps the counts so far.
+    let stats = RequestStats::from_env().map(Arc::new);
+    if stats.is_some() {
+        signals.add(Signal::SIGUSR1);
+    }
     signals
         .thread_block()
         .map_err(|e| format!("cannot block signals: {e}"))?;
@@ -188,7 +194,7 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
     })?);
     let mountpoint = cfg.mountpoint.clone();
     let session = Session::new(
-        StrataFuse::new(ov, cfg.fuse.max_write),
+        StrataFuse::new(ov, cfg.fuse.max_write).with_stats(stats.clone()),
         &mountpoint,
         &fuse_config(cfg, writable),
     )
@@ -198,9 +204,18 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
         let mnt = mountpoint.clone();
         std::thread::Builder::new()
             .name("signals".into())
-            .spawn(move || {
-                if signals.wait().is_ok() {
-                    let _ = unmount(&mnt);
+            .spawn(move || loop {
+                match signals.wait() {
+                    Ok(Signal::SIGUSR1) => {
+                        if let Some(s) = &stats {
+                            s.dump("SIGUSR1");
+                        }
+                    }
+                    Ok(_) => {
+                        let _ = unmount(&mnt);
+                        break;
+                    }
+                    Err(_) => break,
                 }
             })
             .map_err(|e| format!("cannot start signal thread: {e}"))?;
@@ -227,7 +242,8 @@ pub fn serve_fd(ov: Arc<Overlay>, fd: OwnedFd) -> std::io::Result<()> {
     let mut config = Config::default();
     config.n_threads = Some(WORKER_THREADS);
     config.clone_fd = true;
-    Session::from_fd(StrataFuse::new(ov, None), fd, SessionACL::All, config)?.run()
+    let fs = StrataFuse::new(ov, None).with_stats(RequestStats::from_env().map(Arc::new));
+    Session::from_fd(fs, fd, SessionACL::All, config)?.run()
 }
 
 /// Waits until the mount answers a request, then detaches from the caller's stdio and says

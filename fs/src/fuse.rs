@@ -16,6 +16,7 @@ use fuser::{
 };
 
 use crate::overlay::{Attr, Creator, Overlay, SetAttr, SetTime};
+use crate::stats::{Op, RequestStats};
 
 /// How long the kernel may trust names and attributes without asking again.
 const TTL: Duration = Duration::from_secs(1);
@@ -36,12 +37,29 @@ fn attr_ttl(a: &Attr) -> &'static Duration {
 pub struct StrataFuse {
     ov: Arc<Overlay>,
     max_write: Option<u32>,
+    stats: Option<Arc<RequestStats>>,
 }
 
 impl StrataFuse {
     /// Wraps an overlay; `max_write` is the `max_write=` option, if given.
     pub fn new(ov: Arc<Overlay>, max_write: Option<u32>) -> StrataFuse {
-        StrataFuse { ov, max_write }
+        StrataFuse {
+            ov,
+            max_write,
+            stats: None,
+        }
+    }
+
+    /// Counts requests in `stats` (see [`crate::stats`]).
+    pub fn with_stats(mut self, stats: Option<Arc<RequestStats>>) -> StrataFuse {
+        self.stats = stats;
+        self
+    }
+
+    fn count(&self, op: Op) {
+        if let Some(s) = &self.stats {
+            s.bump(op);
+        }
     }
 }
 
@@ -102,17 +120,26 @@ impl Filesystem for StrataFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.count(Op::Lookup);
         match self.ov.lookup(parent.0, name) {
             Ok(a) => reply.entry_with_ttls(attr_ttl(&a), &TTL, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
     }
 
+    fn destroy(&mut self) {
+        if let Some(s) = &self.stats {
+            s.dump("unmount");
+        }
+    }
+
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.count(Op::Forget);
         self.ov.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.count(Op::Getattr);
         match self.ov.getattr(ino.0) {
             Ok(a) => reply.attr(attr_ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
@@ -137,6 +164,7 @@ impl Filesystem for StrataFuse {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.count(Op::Setattr);
         let set = SetAttr {
             mode,
             uid,
@@ -152,6 +180,7 @@ impl Filesystem for StrataFuse {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.count(Op::Readlink);
         match self.ov.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
@@ -168,6 +197,7 @@ impl Filesystem for StrataFuse {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.count(Op::Mknod);
         entry(
             reply,
             self.ov
@@ -184,14 +214,17 @@ impl Filesystem for StrataFuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        self.count(Op::Mkdir);
         entry(reply, self.ov.mkdir(parent.0, name, mode, creator(req)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.count(Op::Unlink);
         empty(reply, self.ov.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.count(Op::Rmdir);
         empty(reply, self.ov.rmdir(parent.0, name));
     }
 
@@ -203,6 +236,7 @@ impl Filesystem for StrataFuse {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.count(Op::Symlink);
         let target = target.as_os_str().as_bytes();
         entry(
             reply,
@@ -220,6 +254,7 @@ impl Filesystem for StrataFuse {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Rename);
         empty(
             reply,
             self.ov
@@ -235,10 +270,12 @@ impl Filesystem for StrataFuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.count(Op::Link);
         entry(reply, self.ov.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.count(Op::Open);
         match self.ov.open(ino.0, flags.0) {
             // Layer contents change only through this mount, so cached pages stay valid.
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
@@ -257,6 +294,7 @@ impl Filesystem for StrataFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.count(Op::Read);
         match self.ov.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
@@ -275,6 +313,7 @@ impl Filesystem for StrataFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.count(Op::Write);
         match self.ov.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
@@ -289,6 +328,7 @@ impl Filesystem for StrataFuse {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Flush);
         reply.ok();
     }
 
@@ -302,6 +342,7 @@ impl Filesystem for StrataFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Release);
         self.ov.release(fh.0);
         reply.ok();
     }
@@ -314,10 +355,12 @@ impl Filesystem for StrataFuse {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Fsync);
         empty(reply, self.ov.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.count(Op::Opendir);
         match self.ov.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
@@ -332,6 +375,7 @@ impl Filesystem for StrataFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.count(Op::Readdir);
         let entries = match self.ov.dir_entries(fh.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
@@ -354,6 +398,7 @@ impl Filesystem for StrataFuse {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Releasedir);
         self.ov.release(fh.0);
         reply.ok();
     }
@@ -366,10 +411,12 @@ impl Filesystem for StrataFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Fsyncdir);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.count(Op::Statfs);
         match self.ov.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -395,10 +442,12 @@ impl Filesystem for StrataFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Setxattr);
         empty(reply, self.ov.setxattr(ino.0, name, value, flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.count(Op::Getxattr);
         match self.ov.getxattr(ino.0, name) {
             Ok(v) => xattr_reply(reply, &v, size),
             Err(e) => reply.error(errno(e)),
@@ -406,6 +455,7 @@ impl Filesystem for StrataFuse {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.count(Op::Listxattr);
         match self.ov.listxattr(ino.0) {
             Ok(v) => xattr_reply(reply, &v, size),
             Err(e) => reply.error(errno(e)),
@@ -413,10 +463,12 @@ impl Filesystem for StrataFuse {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.count(Op::Removexattr);
         empty(reply, self.ov.removexattr(ino.0, name));
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.count(Op::Access);
         match self.ov.access(ino.0, mask.bits()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -433,6 +485,7 @@ impl Filesystem for StrataFuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.count(Op::Create);
         match self.ov.create(parent.0, name, mode, flags, creator(req)) {
             Ok((a, fh)) => reply.created(
                 &TTL,
@@ -455,6 +508,7 @@ impl Filesystem for StrataFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Fallocate);
         empty(reply, self.ov.fallocate(fh.0, offset, length, mode));
     }
 
@@ -467,6 +521,7 @@ impl Filesystem for StrataFuse {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        self.count(Op::Lseek);
         match self.ov.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(e)),
@@ -486,6 +541,7 @@ impl Filesystem for StrataFuse {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.count(Op::CopyFileRange);
         match self
             .ov
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)

@@ -15,6 +15,7 @@ pub mod layers;
 pub mod options;
 pub mod overlay;
 pub mod statoverride;
+pub mod stats;
 pub mod sys;
 pub mod upper;
 pub mod whiteout;
