@@ -16,7 +16,7 @@ use fuser::{Config, MountOption, Session, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::{fork, ForkResult};
 
-use crate::fuse::StrataFuse;
+use crate::fuse::{connect_invalidations, StrataFuse};
 use crate::layers::LayerStack;
 use crate::options::MountConfig;
 use crate::overlay::{Overlay, OverlayOptions};
@@ -194,11 +194,13 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
     })?);
     let mountpoint = cfg.mountpoint.clone();
     let session = Session::new(
-        StrataFuse::new(ov, cfg.fuse.max_write).with_stats(stats.clone()),
+        StrataFuse::new(ov.clone(), cfg.fuse.max_write).with_stats(stats.clone()),
         &mountpoint,
         &fuse_config(cfg, writable),
     )
     .map_err(|e| format!("cannot mount on {}: {}", mountpoint.display(), one_line(&e)))?;
+    // Before any request is served.
+    connect_invalidations(&ov, session.notifier(), stats.clone());
 
     {
         let mnt = mountpoint.clone();
@@ -242,8 +244,11 @@ pub fn serve_fd(ov: Arc<Overlay>, fd: OwnedFd) -> std::io::Result<()> {
     let mut config = Config::default();
     config.n_threads = Some(WORKER_THREADS);
     config.clone_fd = true;
-    let fs = StrataFuse::new(ov, None).with_stats(RequestStats::from_env().map(Arc::new));
-    Session::from_fd(fs, fd, SessionACL::All, config)?.run()
+    let stats = RequestStats::from_env().map(Arc::new);
+    let fs = StrataFuse::new(ov.clone(), None).with_stats(stats.clone());
+    let session = Session::from_fd(fs, fd, SessionACL::All, config)?;
+    connect_invalidations(&ov, session.notifier(), stats);
+    session.run()
 }
 
 /// Waits until the mount answers a request, then detaches from the caller's stdio and says

@@ -10,26 +10,77 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, Notifier,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::overlay::{Attr, Creator, Overlay, SetAttr, SetTime};
 use crate::stats::{Op, RequestStats};
 
-/// How long the kernel may trust names and attributes without asking again.
-const TTL: Duration = Duration::from_secs(1);
+/// Cache lifetime of names and attributes when the overlay is exact
+/// ([`Overlay::caches_exact`]): they then change only through requests the kernel sees (and
+/// after which it drops what it cached) or with a notification from us, so the kernel may
+/// keep them as long as it likes. A day, like fuse-overlayfs's and virtiofs's
+/// `cache=always`.
+const LONG_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Attribute lifetime for an object: directories' link counts change behind the kernel's
-/// back (copy-up of a parent merges it), so their attributes are not cached.
-fn attr_ttl(a: &Attr) -> &'static Duration {
-    const NONE: Duration = Duration::ZERO;
-    if (a.st.st_mode & libc::S_IFMT) == libc::S_IFDIR {
-        &NONE
-    } else {
-        &TTL
+/// Otherwise names and attributes are trusted for a second, and directories' attributes
+/// not at all: their link counts change behind the kernel's back (copy-up of a descendant's
+/// parent merges them).
+const SHORT_TTL: Duration = Duration::from_secs(1);
+
+/// How long the kernel may trust what we tell it.
+#[derive(Debug, Clone, Copy)]
+struct Ttls {
+    entry: Duration,
+    attr: Duration,
+    dir_attr: Duration,
+}
+
+impl Ttls {
+    fn for_overlay(ov: &Overlay) -> Ttls {
+        if ov.caches_exact() {
+            Ttls {
+                entry: LONG_TTL,
+                attr: LONG_TTL,
+                dir_attr: LONG_TTL,
+            }
+        } else {
+            Ttls {
+                entry: SHORT_TTL,
+                attr: SHORT_TTL,
+                dir_attr: Duration::ZERO,
+            }
+        }
     }
+
+    /// Attribute lifetime for an object.
+    fn attr(&self, a: &Attr) -> &Duration {
+        if (a.st.st_mode & libc::S_IFMT) == libc::S_IFDIR {
+            &self.dir_attr
+        } else {
+            &self.attr
+        }
+    }
+}
+
+/// Lets `ov` tell the kernel, through `notifier`, of attribute changes behind its back
+/// (see [`Overlay::set_invalidator`]).
+pub fn connect_invalidations(ov: &Overlay, notifier: Notifier, stats: Option<Arc<RequestStats>>) {
+    ov.set_invalidator(move |ino| {
+        if let Some(s) = &stats {
+            s.bump(Op::NotifyInvalInode);
+        }
+        // A negative offset invalidates the attributes only. The kernel then takes no lock
+        // that the request being served may hold (no inode or page lock; only the inode's
+        // spinlock), so this is safe to send from a request handler before its reply, and
+        // the change is visible to the caller as soon as its request returns.
+        if let Err(e) = notifier.inval_inode(INodeNo(ino), -1, 0) {
+            tracing::debug!(ino, error = %e, "attribute invalidation not delivered");
+        }
+    });
 }
 
 /// The `fuser::Filesystem` face of an [`Overlay`].
@@ -38,12 +89,14 @@ pub struct StrataFuse {
     ov: Arc<Overlay>,
     max_write: Option<u32>,
     stats: Option<Arc<RequestStats>>,
+    ttl: Ttls,
 }
 
 impl StrataFuse {
     /// Wraps an overlay; `max_write` is the `max_write=` option, if given.
     pub fn new(ov: Arc<Overlay>, max_write: Option<u32>) -> StrataFuse {
         StrataFuse {
+            ttl: Ttls::for_overlay(&ov),
             ov,
             max_write,
             stats: None,
@@ -54,6 +107,18 @@ impl StrataFuse {
     pub fn with_stats(mut self, stats: Option<Arc<RequestStats>>) -> StrataFuse {
         self.stats = stats;
         self
+    }
+
+    fn entry(&self, reply: ReplyEntry, r: Result<Attr, i32>) {
+        match r {
+            Ok(a) => reply.entry_with_ttls(
+                self.ttl.attr(&a),
+                &self.ttl.entry,
+                &file_attr(&a),
+                Generation(0),
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn count(&self, op: Op) {
@@ -121,10 +186,7 @@ impl Filesystem for StrataFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.count(Op::Lookup);
-        match self.ov.lookup(parent.0, name) {
-            Ok(a) => reply.entry_with_ttls(attr_ttl(&a), &TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.entry(reply, self.ov.lookup(parent.0, name));
     }
 
     fn destroy(&mut self) {
@@ -141,7 +203,7 @@ impl Filesystem for StrataFuse {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.count(Op::Getattr);
         match self.ov.getattr(ino.0) {
-            Ok(a) => reply.attr(attr_ttl(&a), &file_attr(&a)),
+            Ok(a) => reply.attr(self.ttl.attr(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -174,7 +236,7 @@ impl Filesystem for StrataFuse {
             mtime: mtime.map(set_time),
         };
         match self.ov.setattr(ino.0, &set, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(self.ttl.attr(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -198,7 +260,7 @@ impl Filesystem for StrataFuse {
         reply: ReplyEntry,
     ) {
         self.count(Op::Mknod);
-        entry(
+        self.entry(
             reply,
             self.ov
                 .mknod(parent.0, name, mode, rdev as u64, creator(req)),
@@ -215,7 +277,7 @@ impl Filesystem for StrataFuse {
         reply: ReplyEntry,
     ) {
         self.count(Op::Mkdir);
-        entry(reply, self.ov.mkdir(parent.0, name, mode, creator(req)));
+        self.entry(reply, self.ov.mkdir(parent.0, name, mode, creator(req)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -238,7 +300,7 @@ impl Filesystem for StrataFuse {
     ) {
         self.count(Op::Symlink);
         let target = target.as_os_str().as_bytes();
-        entry(
+        self.entry(
             reply,
             self.ov.symlink(parent.0, link_name, target, creator(req)),
         );
@@ -271,7 +333,7 @@ impl Filesystem for StrataFuse {
         reply: ReplyEntry,
     ) {
         self.count(Op::Link);
-        entry(reply, self.ov.link(ino.0, newparent.0, newname));
+        self.entry(reply, self.ov.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -488,7 +550,7 @@ impl Filesystem for StrataFuse {
         self.count(Op::Create);
         match self.ov.create(parent.0, name, mode, flags, creator(req)) {
             Ok((a, fh)) => reply.created(
-                &TTL,
+                &self.ttl.entry,
                 &file_attr(&a),
                 Generation(0),
                 FileHandle(fh),
@@ -574,13 +636,6 @@ fn set_time(t: TimeOrNow) -> SetTime {
                 SetTime::At(s, ns)
             }
         },
-    }
-}
-
-fn entry(reply: ReplyEntry, r: Result<Attr, i32>) {
-    match r {
-        Ok(a) => reply.entry_with_ttls(attr_ttl(&a), &TTL, &file_attr(&a), Generation(0)),
-        Err(e) => reply.error(errno(e)),
     }
 }
 

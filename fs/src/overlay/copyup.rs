@@ -33,6 +33,15 @@ impl Overlay {
         if done(&node.loc.read()) {
             return Ok(());
         }
+        let r = self.copy_up_locked(upper, node);
+        // The upper copy's attributes (ctime, blocks; for a directory, its merged link
+        // count) are the object's now, whatever request caused the copy.
+        self.attrs_changed(node.ino);
+        r
+    }
+
+    fn copy_up_locked(&self, upper: &Upper, node: &Node) -> OvlResult<()> {
+        let done = |l: &Location| l.layer == 0 && l.data.is_none();
         let _guard = node.copy_lock.lock();
         let loc = node.loc.read().clone();
         if done(&loc) {
@@ -93,6 +102,12 @@ impl Overlay {
                 return self.copy_up(node);
             }
         }
+        let r = self.copy_up_meta_locked(upper, node);
+        self.attrs_changed(node.ino);
+        r
+    }
+
+    fn copy_up_meta_locked(&self, upper: &Upper, node: &Node) -> OvlResult<()> {
         let guard = node.copy_lock.lock();
         let loc = node.loc.read().clone();
         if loc.layer == 0 {
@@ -254,6 +269,11 @@ impl Overlay {
                 l.dir = Some(v.into());
             }
         }
+        drop(_guard);
+        // Now merged (link count 1), with the upper copy's ctime and size: the kernel may
+        // hold this directory's attributes without any request on it (it is an ancestor of
+        // what changed).
+        self.attrs_changed(ino);
         Ok(())
     }
 

@@ -80,6 +80,18 @@ pub struct Overlay {
     volatile: bool,
     /// Some layer keeps owners in an override xattr, which users must not see.
     hides_override: bool,
+    /// Told about objects whose attributes changed behind the kernel's back.
+    invalidator: std::sync::OnceLock<Invalidator>,
+}
+
+/// A callback told the inode number of an object the kernel holds whose attributes changed
+/// without a request on that object (see [`Overlay::set_invalidator`]).
+pub struct Invalidator(Box<dyn Fn(u64) + Send + Sync>);
+
+impl std::fmt::Debug for Invalidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Invalidator")
+    }
 }
 
 /// What a name in a directory resolves to.
@@ -128,6 +140,7 @@ impl Overlay {
             hides_override,
             ids: opts.ids,
             volatile: opts.volatile,
+            invalidator: std::sync::OnceLock::new(),
         };
         let mut dirs = Vec::new();
         for (i, layer) in ov.stack.layers().iter().enumerate() {
@@ -160,6 +173,47 @@ impl Overlay {
     /// Number of inodes the kernel currently holds.
     pub fn cached_inodes(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// Whether every change the kernel could have cached happens through a request on the
+    /// object it concerns (which the kernel sees, and after which it drops what it cached),
+    /// or is reported to the [`Invalidator`]: then names, attributes and listings may be
+    /// cached for as long as the kernel likes.
+    ///
+    /// The layers below the upper one never change, and the upper changes only through this
+    /// mount. What can still change behind the kernel's back, and how each is handled:
+    /// - A directory copied up because something below it changed becomes merged (link
+    ///   count 1) and gets the upper copy's ctime and size: reported to the invalidator.
+    /// - A file copied up (for writing, or for a metadata change) gets the upper copy's
+    ///   ctime and block count, and a hard link reached by another name sees the indexed
+    ///   copy: reported too (the kernel holds one inode for all names of a hard link, since
+    ///   they share our inode number).
+    /// - Names always keep their inode number: copy-up records the origin's identity, and
+    ///   hard links go through the index. That needs private xattrs on the upper layer.
+    ///   Without them (no index), copy-up gives a name a new inode number, which the kernel
+    ///   would not learn of while it trusts its cached name: such mounts are not exact.
+    pub fn caches_exact(&self) -> bool {
+        match &self.upper {
+            Some(u) if !self.read_only => u.index.is_some(),
+            _ => true,
+        }
+    }
+
+    /// Sets the callback told of attribute changes behind the kernel's back (once; later
+    /// calls are ignored). It runs on the thread that made the change, before that
+    /// thread's request is answered, so it must not wait for other requests.
+    pub fn set_invalidator(&self, f: impl Fn(u64) + Send + Sync + 'static) {
+        let _ = self.invalidator.set(Invalidator(Box::new(f)));
+    }
+
+    /// The attributes of `ino` changed without a request on it: if the kernel holds it,
+    /// it must fetch them again.
+    pub(crate) fn attrs_changed(&self, ino: u64) {
+        if let Some(inv) = self.invalidator.get() {
+            if self.nodes.get(ino).is_some() {
+                (inv.0)(ino);
+            }
+        }
     }
 
     fn node(&self, ino: u64) -> OvlResult<Arc<Node>> {
