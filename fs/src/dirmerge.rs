@@ -22,6 +22,46 @@ pub struct DirEntry {
     pub ino: u64,
     /// File type bits (`S_IFMT` part of the mode).
     pub kind: u32,
+    /// Its position cookie ([`cookie`]; 0 until [`order`] sets it).
+    pub off: u64,
+}
+
+/// The position cookie of `name` in any listing of its directory: a hash of the name, so
+/// that a reader that goes on from an entry (or seeks to it) goes on from the same place in
+/// the listing as it is now, whatever came or went before it. 1 and 2 are "." and "..";
+/// cookies are positive `loff_t` values.
+pub fn cookie(name: &[u8]) -> u64 {
+    match name {
+        b"." => 1,
+        b".." => 2,
+        _ => {
+            // FNV-1a, then a final mix so that similar names spread.
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for &b in name {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            h ^= h >> 33;
+            h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+            h ^= h >> 33;
+            3 + h % (i64::MAX as u64 - 3)
+        }
+    }
+}
+
+/// Gives `entries` their cookies and sorts them by cookie, so that a read from cookie `c`
+/// on is the entries after the first whose cookie is greater than `c`. The rare names
+/// whose cookies collide get the next free value.
+pub fn order(entries: &mut [DirEntry]) {
+    for e in entries.iter_mut() {
+        e.off = cookie(&e.name);
+    }
+    entries.sort_unstable_by(|a, b| (a.off, &a.name).cmp(&(b.off, &b.name)));
+    for i in 1..entries.len() {
+        if entries[i].off <= entries[i - 1].off {
+            entries[i].off = entries[i - 1].off + 1;
+        }
+    }
 }
 
 /// Merges the listings of `layers` (top first). `open` gives the descriptor of a layer's copy
@@ -62,6 +102,7 @@ where
                 ino: inos.ino(dev, e.ino),
                 name: e.name,
                 kind,
+                off: 0,
             });
         }
         hidden.extend(whiteouts);
@@ -104,4 +145,38 @@ fn entry_kind(
         return Ok(None);
     }
     Ok(Some(st.st_mode & libc::S_IFMT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str) -> DirEntry {
+        DirEntry {
+            name: Box::from(name.as_bytes()),
+            ino: 1,
+            kind: libc::S_IFREG,
+            off: 0,
+        }
+    }
+
+    #[test]
+    fn cookies_order_a_listing_the_same_way_whatever_else_is_in_it() {
+        let names = ["..", "b", ".", "a", "zz", "x0", "x1"];
+        let mut all: Vec<DirEntry> = names.iter().map(|n| entry(n)).collect();
+        order(&mut all);
+        assert_eq!(&*all[0].name, b".");
+        assert_eq!(all[0].off, 1);
+        assert_eq!(&*all[1].name, b"..");
+        assert_eq!(all[1].off, 2);
+        assert!(all.windows(2).all(|w| w[0].off < w[1].off));
+        assert!(all.iter().all(|e| e.off <= i64::MAX as u64));
+        // Without some names, the others keep their cookies and their order.
+        let mut some: Vec<DirEntry> = ["a", "zz", ".", "x1"].iter().map(|n| entry(n)).collect();
+        order(&mut some);
+        for e in &some {
+            let same = all.iter().find(|a| a.name == e.name).unwrap();
+            assert_eq!(e.off, same.off, "{:?}", String::from_utf8_lossy(&e.name));
+        }
+    }
 }

@@ -16,7 +16,7 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
-use crate::overlay::{Attr, Creator, Overlay, SetAttr, SetTime};
+use crate::overlay::{Attr, Creator, Inval, Overlay, SetAttr, SetTime};
 use crate::stats::{Op, RequestStats};
 
 /// Cache lifetime of names and attributes when the overlay is exact
@@ -66,19 +66,53 @@ impl Ttls {
     }
 }
 
-/// Lets `ov` tell the kernel, through `notifier`, of attribute changes behind its back
-/// (see [`Overlay::set_invalidator`]).
+/// Lets `ov` tell the kernel, through `notifier`, what changed behind its back (see
+/// [`Overlay::set_invalidator`]).
 pub fn connect_invalidations(ov: &Overlay, notifier: Notifier, stats: Option<Arc<RequestStats>>) {
-    ov.set_invalidator(move |ino| {
+    // Names are dropped from a thread of their own: the kernel takes the directory's lock
+    // for that, which the request that found the change may hold until it is answered.
+    let (names_tx, names_rx) = std::sync::mpsc::channel::<(u64, Box<[u8]>)>();
+    {
+        let notifier = notifier.clone();
+        let stats = stats.clone();
+        let spawned = std::thread::Builder::new()
+            .name("invalidate".into())
+            .spawn(move || {
+                for (parent, name) in names_rx {
+                    if let Some(s) = &stats {
+                        s.bump(Op::NotifyInvalEntry);
+                    }
+                    let name = OsStr::from_bytes(&name);
+                    if let Err(e) = notifier.inval_entry(INodeNo(parent), name) {
+                        tracing::debug!(parent, error = %e, "name invalidation not delivered");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread for name invalidations");
+        }
+    }
+    let names_tx = parking_lot::Mutex::new(names_tx);
+    ov.set_invalidator(move |what| {
+        // Attributes and listings are dropped at once, before the request that changed them
+        // is answered, so that its caller never sees them stale. The kernel takes no lock
+        // for that which a request in progress may hold: for attributes (a negative offset)
+        // only the inode's spinlock; for a directory's listing also the locks of its cached
+        // pages, which are held only briefly, and only by listings, never while waiting
+        // for us.
+        let (ino, offset) = match what {
+            Inval::Attrs(ino) => (ino, -1),
+            Inval::Listing(ino) => (ino, 0),
+            Inval::Entry(parent, name) => {
+                let _ = names_tx.lock().send((parent, name));
+                return;
+            }
+        };
         if let Some(s) = &stats {
             s.bump(Op::NotifyInvalInode);
         }
-        // A negative offset invalidates the attributes only. The kernel then takes no lock
-        // that the request being served may hold (no inode or page lock; only the inode's
-        // spinlock), so this is safe to send from a request handler before its reply, and
-        // the change is visible to the caller as soon as its request returns.
-        if let Err(e) = notifier.inval_inode(INodeNo(ino), -1, 0) {
-            tracing::debug!(ino, error = %e, "attribute invalidation not delivered");
+        if let Err(e) = notifier.inval_inode(INodeNo(ino), offset, 0) {
+            tracing::debug!(ino, error = %e, "inode invalidation not delivered");
         }
     });
 }
@@ -436,8 +470,19 @@ impl Filesystem for StrataFuse {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.count(Op::Opendir);
+        // The kernel may keep the listing in its page cache and serve later opens from it
+        // when the overlay is exact: a listing changes only through requests on the
+        // directory (create, mknod, mkdir, symlink, link, unlink, rmdir, rename), after
+        // which the kernel bumps the directory's i_version and so drops the cache at the
+        // next read from the start, or with a notification from us (Overlay::caches_exact).
+        // KEEP_CACHE: older kernels drop a directory's pages at every open without it.
+        let flags = if self.ov.caches_exact() {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
         match self.ov.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -451,14 +496,14 @@ impl Filesystem for StrataFuse {
         mut reply: ReplyDirectory,
     ) {
         self.count(Op::Readdir);
-        let entries = match self.ov.dir_entries(fh.0) {
+        let (entries, start) = match self.ov.dir_entries_at(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        // Offsets are positions in the snapshot: entry i is followed by offset i + 1.
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        // An entry's offset is its own position cookie: the next read goes on after it.
+        for e in &entries[start..] {
             let name = OsStr::from_bytes(&e.name);
-            if reply.add(INodeNo(e.ino), (i + 1) as u64, file_type(e.kind), name) {
+            if reply.add(INodeNo(e.ino), e.off, file_type(e.kind), name) {
                 break;
             }
         }
@@ -474,15 +519,15 @@ impl Filesystem for StrataFuse {
         mut reply: ReplyDirectoryPlus,
     ) {
         self.count(Op::Readdirplus);
-        let entries = match self.ov.dir_entries(fh.0) {
+        let (entries, start) = match self.ov.dir_entries_at(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
         let mut added = false;
-        // Offsets as in `readdir`: entry i is followed by offset i + 1.
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        // Offsets as in `readdir`.
+        for e in &entries[start..] {
             let name = OsStr::from_bytes(&e.name);
-            let next = (i + 1) as u64;
+            let next = e.off;
             if &*e.name == b"." || &*e.name == b".." {
                 // The kernel links no inode for these (it skips them before looking at the
                 // attributes), so they take no lookup reference; only their d_ino is used.

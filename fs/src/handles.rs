@@ -29,9 +29,20 @@ pub struct OpenFile {
 pub enum Handle {
     /// A regular file.
     File(OpenFile),
-    /// A snapshot of a merged directory listing; offsets index into it, so `telldir` and
-    /// `seekdir` stay valid for the life of the handle.
-    Dir(Arc<[DirEntry]>),
+    /// An open directory.
+    Dir(DirHandle),
+}
+
+/// An open directory, with its merged listing once read (an open that the kernel serves
+/// from its cache of the listing costs no merge).
+#[derive(Debug)]
+pub struct DirHandle {
+    /// The directory.
+    pub node: Arc<Node>,
+    /// The listing, ordered by position cookie, with the directory's listing generation
+    /// ([`Node::listing_gen`]) from before it was made: it is current while that has not
+    /// changed.
+    pub listing: parking_lot::Mutex<Option<(u64, Arc<[DirEntry]>)>>,
 }
 
 /// All open handles, by number.

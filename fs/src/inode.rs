@@ -171,6 +171,9 @@ pub struct Node {
     pub loc: RwLock<Location>,
     /// Serialises copy-up of this node (and changes of its location).
     pub copy_lock: parking_lot::Mutex<()>,
+    /// For a directory: counts changes of its merged listing, so that an open handle can
+    /// tell that its snapshot of the listing is older than the directory.
+    pub listing_gen: AtomicU64,
 }
 
 impl Node {
@@ -182,6 +185,7 @@ impl Node {
             lookups: AtomicU64::new(0),
             loc: RwLock::new(loc),
             copy_lock: parking_lot::Mutex::new(()),
+            listing_gen: AtomicU64::new(0),
         }
     }
 

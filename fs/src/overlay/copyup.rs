@@ -36,7 +36,7 @@ impl Overlay {
         let r = self.copy_up_locked(upper, node);
         // The upper copy's attributes (ctime, blocks; for a directory, its merged link
         // count) are the object's now, whatever request caused the copy.
-        self.attrs_changed(node.ino);
+        self.copied_up(node.ino, node.is_dir());
         r
     }
 
@@ -103,7 +103,7 @@ impl Overlay {
             }
         }
         let r = self.copy_up_meta_locked(upper, node);
-        self.attrs_changed(node.ino);
+        self.copied_up(node.ino, false);
         r
     }
 
@@ -270,10 +270,10 @@ impl Overlay {
             }
         }
         drop(_guard);
-        // Now merged (link count 1), with the upper copy's ctime and size: the kernel may
-        // hold this directory's attributes without any request on it (it is an ancestor of
-        // what changed).
-        self.attrs_changed(ino);
+        // Now merged (link count 1), with the upper copy's ctime and size, and ".." in its
+        // listing is the parent's upper copy: the kernel may hold this directory without
+        // any request on it (it is an ancestor of what changed).
+        self.copied_up(ino, true);
         Ok(())
     }
 

@@ -15,11 +15,12 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::dirmerge::{self, DirEntry};
 use crate::fdcache::DirFdCache;
-use crate::handles::{Handle, HandleTable, OpenFile};
+use crate::handles::{DirHandle, Handle, HandleTable, OpenFile};
 use crate::idmap::IdMaps;
 use crate::inode::{
     split_path, DirLayer, InoMapper, Location, LowerData, Node, NodeTable, ROOT_INO,
@@ -84,9 +85,22 @@ pub struct Overlay {
     invalidator: std::sync::OnceLock<Invalidator>,
 }
 
-/// A callback told the inode number of an object the kernel holds whose attributes changed
-/// without a request on that object (see [`Overlay::set_invalidator`]).
-pub struct Invalidator(Box<dyn Fn(u64) + Send + Sync>);
+/// What the kernel must drop from its caches because it changed without a request that the
+/// kernel would have drawn that conclusion from (see [`Overlay::set_invalidator`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inval {
+    /// The attributes of object `ino`.
+    Attrs(u64),
+    /// The attributes and the cached listing of directory `ino`.
+    Listing(u64),
+    /// The name `.1` in directory `.0`. The kernel takes the directory's lock to drop a name,
+    /// which the request being served may hold: this one must be sent from another thread,
+    /// after the reply.
+    Entry(u64, Box<[u8]>),
+}
+
+/// A callback told what the kernel must drop (see [`Overlay::set_invalidator`]).
+pub struct Invalidator(Box<dyn Fn(Inval) + Send + Sync>);
 
 impl std::fmt::Debug for Invalidator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -183,11 +197,15 @@ impl Overlay {
     /// The layers below the upper one never change, and the upper changes only through this
     /// mount. What can still change behind the kernel's back, and how each is handled:
     /// - A directory copied up because something below it changed becomes merged (link
-    ///   count 1) and gets the upper copy's ctime and size: reported to the invalidator.
+    ///   count 1) and gets the upper copy's ctime and size; its listing's ".." may name the
+    ///   parent's upper copy now: reported ([`Inval::Listing`]).
     /// - A file copied up (for writing, or for a metadata change) gets the upper copy's
     ///   ctime and block count, and a hard link reached by another name sees the indexed
-    ///   copy: reported too (the kernel holds one inode for all names of a hard link, since
-    ///   they share our inode number).
+    ///   copy: reported too ([`Inval::Attrs`]; the kernel holds one inode for all names of a
+    ///   hard link, since they share our inode number).
+    /// - A directory moved to another parent has a new "..": its listing is reported.
+    /// - A request that fails may have changed its directory before it failed: the
+    ///   directory and the names are reported ([`Overlay::change_failed`]).
     /// - Names always keep their inode number: copy-up records the origin's identity, and
     ///   hard links go through the index. That needs private xattrs on the upper layer.
     ///   Without them (no index), copy-up gives a name a new inode number, which the kernel
@@ -199,21 +217,44 @@ impl Overlay {
         }
     }
 
-    /// Sets the callback told of attribute changes behind the kernel's back (once; later
-    /// calls are ignored). It runs on the thread that made the change, before that
-    /// thread's request is answered, so it must not wait for other requests.
-    pub fn set_invalidator(&self, f: impl Fn(u64) + Send + Sync + 'static) {
+    /// Sets the callback told what the kernel must drop from its caches (once; later calls
+    /// are ignored). It runs on the thread that made the change, before that thread's
+    /// request is answered, so it must not wait for other requests.
+    pub fn set_invalidator(&self, f: impl Fn(Inval) + Send + Sync + 'static) {
         let _ = self.invalidator.set(Invalidator(Box::new(f)));
     }
 
-    /// The attributes of `ino` changed without a request on it: if the kernel holds it,
-    /// it must fetch them again.
-    pub(crate) fn attrs_changed(&self, ino: u64) {
-        if let Some(inv) = self.invalidator.get() {
-            if self.nodes.get(ino).is_some() {
-                (inv.0)(ino);
-            }
+    /// Tells the invalidator, if the kernel holds the inode concerned.
+    pub(crate) fn invalidate(&self, what: Inval) {
+        let ino = match &what {
+            Inval::Attrs(i) | Inval::Listing(i) | Inval::Entry(i, _) => *i,
+        };
+        let Some(node) = self.nodes.get(ino) else {
+            return;
+        };
+        if matches!(what, Inval::Listing(_)) {
+            node.listing_gen.fetch_add(1, Ordering::AcqRel);
         }
+        if let Some(inv) = self.invalidator.get() {
+            (inv.0)(what);
+        }
+    }
+
+    /// Object `ino` was copied up without a request on it that would tell the kernel.
+    pub(crate) fn copied_up(&self, ino: u64, is_dir: bool) {
+        self.invalidate(if is_dir {
+            Inval::Listing(ino)
+        } else {
+            Inval::Attrs(ino)
+        });
+    }
+
+    /// A request that changes `name` in directory `parent` failed, maybe after it changed
+    /// something (the kernel assumes it changed nothing): the kernel drops what it cached
+    /// of both.
+    pub fn change_failed(&self, parent: u64, name: &OsStr) {
+        self.invalidate(Inval::Listing(parent));
+        self.invalidate(Inval::Entry(parent, Box::from(name.as_bytes())));
     }
 
     fn node(&self, ino: u64) -> OvlResult<Arc<Node>> {
@@ -714,8 +755,22 @@ impl Overlay {
         self.handles.remove(fh);
     }
 
-    /// Opens directory `ino`: builds its merged listing once, so that offsets stay valid.
+    /// Opens directory `ino`. Its merged listing is made when the handle is first read, and
+    /// again after the directory changed (see [`dir_entries_at`](Self::dir_entries_at)).
     pub fn opendir(&self, ino: u64) -> OvlResult<u64> {
+        let node = self.node(ino)?;
+        if node.loc.read().dir.is_none() {
+            return Err(libc::ENOTDIR);
+        }
+        Ok(self.handles.insert(Handle::Dir(DirHandle {
+            node,
+            listing: parking_lot::Mutex::new(None),
+        })))
+    }
+
+    /// The merged listing of directory `ino` as it is now, in position cookie order ("."
+    /// and ".." first).
+    fn listing(&self, ino: u64) -> OvlResult<Arc<[DirEntry]>> {
         let node = self.node(ino)?;
         let loc = node.loc.read().clone();
         let dirs = loc.dir.as_ref().ok_or(libc::ENOTDIR)?;
@@ -729,11 +784,13 @@ impl Overlay {
             name: Box::from(&b"."[..]),
             ino,
             kind: libc::S_IFDIR,
+            off: 0,
         });
         entries.push(DirEntry {
             name: Box::from(&b".."[..]),
             ino: parent_ino,
             kind: libc::S_IFDIR,
+            off: 0,
         });
         let merged = dirmerge::merge(
             dirs,
@@ -744,7 +801,8 @@ impl Overlay {
             &self.inos,
         )?;
         entries.extend(merged);
-        Ok(self.handles.insert(Handle::Dir(entries.into())))
+        dirmerge::order(&mut entries);
+        Ok(entries.into())
     }
 
     fn parent_ino(&self, loc: &Location) -> OvlResult<u64> {
@@ -756,12 +814,44 @@ impl Overlay {
         Ok(self.inos.ino(st.st_dev, st.st_ino))
     }
 
-    /// The listing behind directory handle `fh`.
+    /// The listing behind directory handle `fh` as it is now, and the index in it of the
+    /// first entry a read from position cookie `offset` returns.
+    ///
+    /// The listing is made again whenever the directory changed (a handle keeps one only
+    /// while it is current), and positions are cookies of the names
+    /// ([`dirmerge::cookie`]), as with a disk filesystem: a reader that goes on after a
+    /// change, or seeks to a position it was told, misses or repeats nothing but what was
+    /// added or removed. That also holds when the kernel read part of the listing from its
+    /// cache and asks us for the rest; and what we answer, which the kernel may add to that
+    /// cache, is never older than the directory.
+    pub fn dir_entries_at(&self, fh: u64, offset: u64) -> OvlResult<(Arc<[DirEntry]>, usize)> {
+        let h = self.handles.get(fh).ok_or(libc::EBADF)?;
+        let Handle::Dir(d) = h.as_ref() else {
+            return Err(libc::ENOTDIR);
+        };
+        let gen = d.node.listing_gen.load(Ordering::Acquire);
+        let mut cached = d.listing.lock();
+        let l = match cached.as_ref() {
+            Some((made, l)) if *made == gen => l.clone(),
+            _ => {
+                let l = self.listing(d.node.ino)?;
+                *cached = Some((gen, l.clone()));
+                l
+            }
+        };
+        let start = l.partition_point(|e| e.off <= offset);
+        Ok((l, start))
+    }
+
+    /// The listing behind directory handle `fh`, "." and ".." included.
     pub fn dir_entries(&self, fh: u64) -> OvlResult<Arc<[DirEntry]>> {
-        match self.handles.get(fh).as_deref() {
-            Some(Handle::Dir(entries)) => Ok(entries.clone()),
-            Some(Handle::File(_)) => Err(libc::ENOTDIR),
-            None => Err(libc::EBADF),
+        self.dir_entries_at(fh, 0).map(|(l, _)| l)
+    }
+
+    /// The merged listing of directory `dir` changed (after the change).
+    pub(crate) fn listing_changed(&self, dir: u64) {
+        if let Some(n) = self.nodes.get(dir) {
+            n.listing_gen.fetch_add(1, Ordering::AcqRel);
         }
     }
 

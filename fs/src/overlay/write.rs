@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use super::{join, Attr, Overlay, OvlResult, Resolved, INDEX_LAYER};
+use super::{join, Attr, Inval, Overlay, OvlResult, Resolved, INDEX_LAYER};
 use crate::dirmerge;
 use crate::handles::{Handle, OpenFile};
 use crate::inode::{DirLayer, Location, Node};
@@ -140,55 +140,13 @@ impl Overlay {
         let name = name.as_bytes();
         let ploc = self.free_name(parent, name)?;
         let pfd = self.ensure_upper_dir(&ploc.path)?;
-        let had_whiteout = upper.remove_whiteout(pfd.as_fd(), name)?;
         let cname = sys::cstring(name)?;
-        make(&pfd, &cname)?;
-        let pst = sys::stat_fd(pfd.as_fd())?;
-        // A set-group-id directory hands its group down, as the kernel does on create.
-        let gid = if pst.st_mode & libc::S_ISGID != 0 {
-            pst.st_gid
-        } else {
-            who.gid
-        };
-        let uid = self.ids.uid.stored(who.uid);
-        let gid = if pst.st_mode & libc::S_ISGID != 0 {
-            gid
-        } else {
-            self.ids.gid.stored(gid)
-        };
-        let st0 = sys::stat_at(pfd.as_fd(), &cname)?;
-        if let Some(xname) = self.stack.get(0).stat_override {
-            // The owner and the asked-for mode go in the override; the inode keeps the
-            // daemon's own ids, which is all an unprivileged writer can give it.
-            let mode = if (st0.st_mode & libc::S_IFMT) == libc::S_IFDIR {
-                want_mode & 0o7777
-            } else {
-                st0.st_mode & 0o7777 | (want_mode & 0o6000)
-            };
-            statoverride::store(
-                xname,
-                pfd.as_fd(),
-                &cname,
-                &st0,
-                Some(uid),
-                Some(gid),
-                Some(mode),
-            )?;
-        } else {
-            match sys::chown_at(pfd.as_fd(), &cname, uid, gid) {
-                Ok(()) | Err(libc::EPERM) | Err(libc::EINVAL) => {}
-                Err(e) => return Err(e),
-            }
-            // chown clears set-id bits; the caller asked for them, so put them back.
-            if (st0.st_mode & libc::S_IFMT) != libc::S_IFLNK && want_mode & 0o6000 != 0 {
-                sys::chmod_at(pfd.as_fd(), &cname, want_mode & 0o7777)?;
-            }
-        }
-        // A new directory where a lower one was deleted must not show the old contents.
-        if is_dir && had_whiteout && self.lower_has(&ploc, name)? {
-            upper.make_opaque(pfd.as_fd(), name)?;
-        }
-        let st = sys::stat_at(pfd.as_fd(), &cname)?;
+        let st = self.changing(&[(parent, name)], || {
+            self.make_entry(
+                upper, &ploc, &pfd, name, &cname, who, is_dir, want_mode, make,
+            )
+        })?;
+        self.listing_changed(parent);
         let ino = self.inos.ino(st.st_dev, st.st_ino);
         let merged = if is_dir {
             vec![DirLayer::at_merged(0, false)]
@@ -209,6 +167,84 @@ impl Overlay {
         ))
     }
 
+    /// Runs `f`, the part of a request that changes the names `dirs` (directory, name): if
+    /// it fails, it may have changed something already, which the kernel, told the request
+    /// failed, would not expect.
+    fn changing<T>(&self, dirs: &[(u64, &[u8])], f: impl FnOnce() -> OvlResult<T>) -> OvlResult<T> {
+        let r = f();
+        if r.is_err() {
+            for (dir, name) in dirs {
+                self.change_failed(*dir, OsStr::from_bytes(name));
+            }
+        }
+        r
+    }
+
+    /// The changing part of [`create_entry`](Self::create_entry): makes `name` in the upper
+    /// copy `pfd` of the directory at `ploc`, and returns its attributes.
+    #[allow(clippy::too_many_arguments)]
+    fn make_entry(
+        &self,
+        upper: &crate::upper::Upper,
+        ploc: &Location,
+        pfd: &OwnedFd,
+        name: &[u8],
+        cname: &CStr,
+        who: Creator,
+        is_dir: bool,
+        want_mode: u32,
+        make: impl FnOnce(&OwnedFd, &CStr) -> OvlResult<()>,
+    ) -> OvlResult<libc::stat> {
+        let had_whiteout = upper.remove_whiteout(pfd.as_fd(), name)?;
+        make(pfd, cname)?;
+        let pst = sys::stat_fd(pfd.as_fd())?;
+        // A set-group-id directory hands its group down, as the kernel does on create.
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            who.gid
+        };
+        let uid = self.ids.uid.stored(who.uid);
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            gid
+        } else {
+            self.ids.gid.stored(gid)
+        };
+        let st0 = sys::stat_at(pfd.as_fd(), cname)?;
+        if let Some(xname) = self.stack.get(0).stat_override {
+            // The owner and the asked-for mode go in the override; the inode keeps the
+            // daemon's own ids, which is all an unprivileged writer can give it.
+            let mode = if (st0.st_mode & libc::S_IFMT) == libc::S_IFDIR {
+                want_mode & 0o7777
+            } else {
+                st0.st_mode & 0o7777 | (want_mode & 0o6000)
+            };
+            statoverride::store(
+                xname,
+                pfd.as_fd(),
+                cname,
+                &st0,
+                Some(uid),
+                Some(gid),
+                Some(mode),
+            )?;
+        } else {
+            match sys::chown_at(pfd.as_fd(), cname, uid, gid) {
+                Ok(()) | Err(libc::EPERM) | Err(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+            // chown clears set-id bits; the caller asked for them, so put them back.
+            if (st0.st_mode & libc::S_IFMT) != libc::S_IFLNK && want_mode & 0o6000 != 0 {
+                sys::chmod_at(pfd.as_fd(), cname, want_mode & 0o7777)?;
+            }
+        }
+        // A new directory where a lower one was deleted must not show the old contents.
+        if is_dir && had_whiteout && self.lower_has(ploc, name)? {
+            upper.make_opaque(pfd.as_fd(), name)?;
+        }
+        sys::stat_at(pfd.as_fd(), cname)
+    }
+
     /// Creates and opens a regular file.
     pub fn create(
         &self,
@@ -227,12 +263,21 @@ impl Overlay {
             )
             .map(drop)
         })?;
-        let node = self.node(attr.st.st_ino)?;
-        let fh = self.open_for_write(
-            node,
-            flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
-        )?;
-        Ok((attr, fh))
+        // The entry exists now, and the kernel holds a reference to it only if this succeeds.
+        let opened = self.node(attr.st.st_ino).and_then(|node| {
+            self.open_for_write(
+                node,
+                flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
+            )
+        });
+        match opened {
+            Ok(fh) => Ok((attr, fh)),
+            Err(e) => {
+                self.forget(attr.st.st_ino, 1);
+                self.change_failed(parent, name);
+                Err(e)
+            }
+        }
     }
 
     /// Creates a special file (fifo, socket, device) or an empty regular file.
@@ -282,18 +327,21 @@ impl Overlay {
         self.copy_up(&node)?;
         let loc = node.loc.read().clone();
         let pfd = self.ensure_upper_dir(&ploc.path)?;
-        upper.remove_whiteout(pfd.as_fd(), name)?;
         let cname = sys::cstring(name)?;
-        match &loc.pinned {
-            Some(fd) => sys::link_fd(fd.as_fd(), pfd.as_fd(), &cname)?,
-            None => {
-                let (sparent, sname) = loc.split();
-                let sfd = self.layer_dir(0, sparent)?;
-                sys::link_at(sfd.as_fd(), &sys::cstring(sname)?, pfd.as_fd(), &cname)?;
+        let mut st = self.changing(&[(newparent, name)], || {
+            upper.remove_whiteout(pfd.as_fd(), name)?;
+            match &loc.pinned {
+                Some(fd) => sys::link_fd(fd.as_fd(), pfd.as_fd(), &cname)?,
+                None => {
+                    let (sparent, sname) = loc.split();
+                    let sfd = self.layer_dir(0, sparent)?;
+                    sys::link_at(sfd.as_fd(), &sys::cstring(sname)?, pfd.as_fd(), &cname)?;
+                }
             }
-        }
+            sys::stat_at(pfd.as_fd(), &cname)
+        })?;
+        self.listing_changed(newparent);
         node.add_lookup();
-        let mut st = sys::stat_at(pfd.as_fd(), &cname)?;
         self.fix_nlink(0, pfd.as_fd(), &cname, &mut st);
         Ok(self.attr(st, ino, false))
     }
@@ -312,17 +360,20 @@ impl Overlay {
         let lower = self.lower_has(&ploc, name)?;
         let pfd = self.ensure_upper_dir(&ploc.path)?;
         let cname = sys::cstring(name)?;
-        if layer == 0 {
-            // Keep the object reachable for open handles before its name goes away.
-            self.detach(r.ino, &path, pfd.as_fd(), &cname);
-            if lower {
-                self.replace_with_whiteout(pfd.as_fd(), name, &cname)?;
+        self.changing(&[(parent, name)], || {
+            if layer == 0 {
+                // Keep the object reachable for open handles before its name goes away.
+                self.detach(r.ino, &path, pfd.as_fd(), &cname);
+                if lower {
+                    self.replace_with_whiteout(pfd.as_fd(), name, &cname)
+                } else {
+                    sys::unlink_at(pfd.as_fd(), &cname, 0)
+                }
             } else {
-                sys::unlink_at(pfd.as_fd(), &cname, 0)?;
+                upper.make_whiteout(pfd.as_fd(), name)
             }
-        } else {
-            upper.make_whiteout(pfd.as_fd(), name)?;
-        }
+        })?;
+        self.listing_changed(parent);
         Ok(())
     }
 
@@ -383,29 +434,33 @@ impl Overlay {
         let pfd = self.ensure_upper_dir(&ploc.path)?;
         let cname = sys::cstring(name)?;
         let work = upper.work.as_fd();
-        if r.layer == 0 {
-            self.detach(r.ino, &child_path, pfd.as_fd(), &cname);
-            let tmp = upper.temp_name();
-            if lower && upper.whiteout == WhiteoutFormat::CharDev {
-                sys::mknod_at(work, &tmp, libc::S_IFCHR, 0)?;
-                if let Err(e) =
-                    sys::rename_at(work, &tmp, pfd.as_fd(), &cname, libc::RENAME_EXCHANGE)
-                {
-                    let _ = sys::unlink_at(work, &tmp, 0);
-                    return Err(e);
+        self.changing(&[(parent, name)], || {
+            if r.layer == 0 {
+                self.detach(r.ino, &child_path, pfd.as_fd(), &cname);
+                let tmp = upper.temp_name();
+                if lower && upper.whiteout == WhiteoutFormat::CharDev {
+                    sys::mknod_at(work, &tmp, libc::S_IFCHR, 0)?;
+                    if let Err(e) =
+                        sys::rename_at(work, &tmp, pfd.as_fd(), &cname, libc::RENAME_EXCHANGE)
+                    {
+                        let _ = sys::unlink_at(work, &tmp, 0);
+                        return Err(e);
+                    }
+                } else {
+                    if lower {
+                        upper.make_whiteout(pfd.as_fd(), name)?;
+                    }
+                    sys::rename_at(pfd.as_fd(), &cname, work, &tmp, 0)?;
                 }
+                // The old directory (with its whiteouts) now sits in the work dir.
+                let _ = clear_child(work, &tmp);
+                self.dirfds.invalidate_tree(0, &child_path);
             } else {
-                if lower {
-                    upper.make_whiteout(pfd.as_fd(), name)?;
-                }
-                sys::rename_at(pfd.as_fd(), &cname, work, &tmp, 0)?;
+                upper.make_whiteout(pfd.as_fd(), name)?;
             }
-            // The old directory (with its whiteouts) now sits in the work dir.
-            let _ = clear_child(work, &tmp);
-            self.dirfds.invalidate_tree(0, &child_path);
-        } else {
-            upper.make_whiteout(pfd.as_fd(), name)?;
-        }
+            Ok(())
+        })?;
+        self.listing_changed(parent);
         Ok(())
     }
 
@@ -507,79 +562,94 @@ impl Overlay {
         let pfd = self.ensure_upper_dir(&ploc.path)?;
         let npfd = self.ensure_upper_dir(&nploc.path)?;
         let (cname, cnew) = (sys::cstring(name)?, sys::cstring(newname)?);
-        let mut redirected = false;
-        if let Some(dl) = &src_lower_dir {
-            if upper.read_redirect(pfd.as_fd(), &cname, b"").is_none() {
-                upper.write_redirect(pfd.as_fd(), &cname, dl.path_in_layer(&old_path))?;
-            }
-            redirected = true;
-        }
-        if exchange {
-            if let Some(dl) = &dst_lower_dir {
-                if upper.read_redirect(npfd.as_fd(), &cnew, b"").is_none() {
-                    upper.write_redirect(npfd.as_fd(), &cnew, dl.path_in_layer(&new_path))?;
+        self.changing(&[(parent, name), (newparent, newname)], || {
+            let mut redirected = false;
+            if let Some(dl) = &src_lower_dir {
+                if upper.read_redirect(pfd.as_fd(), &cname, b"").is_none() {
+                    upper.write_redirect(pfd.as_fd(), &cname, dl.path_in_layer(&old_path))?;
                 }
+                redirected = true;
             }
-            sys::rename_at(
-                pfd.as_fd(),
-                &cname,
-                npfd.as_fd(),
-                &cnew,
-                libc::RENAME_EXCHANGE,
-            )?;
-            // A directory without lower parts now stands where lower layers may hold the
-            // name: it must not merge with them (a redirected one looks only where it came
-            // from).
-            if src.is_dir() && src_lower_dir.is_none() && self.lower_has(&nploc, newname)? {
-                upper.make_opaque(npfd.as_fd(), newname)?;
-            }
-            let dst_is_dir = dst.as_ref().is_some_and(|d| d.is_dir());
-            if dst_is_dir && dst_lower_dir.is_none() && self.lower_has(&ploc, name)? {
-                upper.make_opaque(pfd.as_fd(), name)?;
-            }
-        } else {
-            let src_lower = self.lower_has(&ploc, name)?;
-            let dst_lower = self.lower_has(&nploc, newname)?;
-            if src.is_dir() {
-                // A directory cannot replace a whiteout device; drop the marker first.
-                upper.remove_whiteout(npfd.as_fd(), newname)?;
-            }
-            if let Some(d) = &dst {
-                if self.link_up_before_removal(&new_path, d)? == 0 {
-                    self.detach(d.ino, &new_path, npfd.as_fd(), &cnew);
-                    if d.is_dir() {
-                        // Its merged view is empty, but the upper copy may still hold
-                        // whiteouts; the real rename would refuse a non-empty target.
-                        let work = upper.work.as_fd();
-                        let tmp = upper.temp_name();
-                        sys::rename_at(npfd.as_fd(), &cnew, work, &tmp, 0)?;
-                        let _ = clear_child(work, &tmp);
-                        self.dirfds.invalidate_tree(0, &new_path);
+            if exchange {
+                if let Some(dl) = &dst_lower_dir {
+                    if upper.read_redirect(npfd.as_fd(), &cnew, b"").is_none() {
+                        upper.write_redirect(npfd.as_fd(), &cnew, dl.path_in_layer(&new_path))?;
                     }
                 }
-            }
-            let use_rw = src_lower && upper.whiteout == WhiteoutFormat::CharDev;
-            let rflags = if use_rw { libc::RENAME_WHITEOUT } else { 0 };
-            match sys::rename_at(pfd.as_fd(), &cname, npfd.as_fd(), &cnew, rflags) {
-                Ok(()) => {}
-                Err(libc::EINVAL) if use_rw => {
-                    sys::rename_at(pfd.as_fd(), &cname, npfd.as_fd(), &cnew, 0)?;
+                sys::rename_at(
+                    pfd.as_fd(),
+                    &cname,
+                    npfd.as_fd(),
+                    &cnew,
+                    libc::RENAME_EXCHANGE,
+                )?;
+                // A directory without lower parts now stands where lower layers may hold the
+                // name: it must not merge with them (a redirected one looks only where it came
+                // from).
+                if src.is_dir() && src_lower_dir.is_none() && self.lower_has(&nploc, newname)? {
+                    upper.make_opaque(npfd.as_fd(), newname)?;
+                }
+                let dst_is_dir = dst.as_ref().is_some_and(|d| d.is_dir());
+                if dst_is_dir && dst_lower_dir.is_none() && self.lower_has(&ploc, name)? {
+                    upper.make_opaque(pfd.as_fd(), name)?;
+                }
+            } else {
+                let src_lower = self.lower_has(&ploc, name)?;
+                let dst_lower = self.lower_has(&nploc, newname)?;
+                if src.is_dir() {
+                    // A directory cannot replace a whiteout device; drop the marker first.
+                    upper.remove_whiteout(npfd.as_fd(), newname)?;
+                }
+                if let Some(d) = &dst {
+                    if self.link_up_before_removal(&new_path, d)? == 0 {
+                        self.detach(d.ino, &new_path, npfd.as_fd(), &cnew);
+                        if d.is_dir() {
+                            // Its merged view is empty, but the upper copy may still hold
+                            // whiteouts; the real rename would refuse a non-empty target.
+                            let work = upper.work.as_fd();
+                            let tmp = upper.temp_name();
+                            sys::rename_at(npfd.as_fd(), &cnew, work, &tmp, 0)?;
+                            let _ = clear_child(work, &tmp);
+                            self.dirfds.invalidate_tree(0, &new_path);
+                        }
+                    }
+                }
+                let use_rw = src_lower && upper.whiteout == WhiteoutFormat::CharDev;
+                let rflags = if use_rw { libc::RENAME_WHITEOUT } else { 0 };
+                match sys::rename_at(pfd.as_fd(), &cname, npfd.as_fd(), &cnew, rflags) {
+                    Ok(()) => {}
+                    Err(libc::EINVAL) if use_rw => {
+                        sys::rename_at(pfd.as_fd(), &cname, npfd.as_fd(), &cnew, 0)?;
+                        upper.make_whiteout(pfd.as_fd(), name)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+                if src_lower && !use_rw {
                     upper.make_whiteout(pfd.as_fd(), name)?;
                 }
-                Err(e) => return Err(e),
+                // A directory moved over a name that lower layers hold must not merge with them;
+                // a redirected one already looks only where it came from.
+                if src.is_dir() && dst_lower && !redirected {
+                    upper.make_opaque(npfd.as_fd(), newname)?;
+                }
             }
-            if src_lower && !use_rw {
-                upper.make_whiteout(pfd.as_fd(), name)?;
-            }
-            // A directory moved over a name that lower layers hold must not merge with them;
-            // a redirected one already looks only where it came from.
-            if src.is_dir() && dst_lower && !redirected {
-                upper.make_opaque(npfd.as_fd(), newname)?;
-            }
-        }
+            Ok(())
+        })?;
         self.dirfds.invalidate_tree(0, &old_path);
         self.dirfds.invalidate_tree(0, &new_path);
         self.move_paths(&src_node, dst_node.as_ref(), &old_path, &new_path);
+        self.listing_changed(parent);
+        self.listing_changed(newparent);
+        if parent != newparent {
+            // A directory moved to another parent lists another "..", which the kernel would
+            // not learn of: the request names the parents, not the directory.
+            if src.is_dir() {
+                self.invalidate(Inval::Listing(src.ino));
+            }
+            if let Some(d) = dst.as_ref().filter(|d| exchange && d.is_dir()) {
+                self.invalidate(Inval::Listing(d.ino));
+            }
+        }
         Ok(())
     }
 
