@@ -227,6 +227,9 @@ impl Filesystem for StrataFuse {
             // a directory's attribute lifetime (none) differ there, which a listing entry
             // cannot say.
             let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+            // A symlink's target never changes (a new target is a new symlink, with its
+            // own inode number), so the kernel may keep it in the symlink's page cache.
+            let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
         }
         Ok(())
     }
