@@ -98,8 +98,10 @@ pub fn connect_invalidations(ov: &Overlay, notifier: Notifier, stats: Option<Arc
         // is answered, so that its caller never sees them stale. The kernel takes no lock
         // for that which a request in progress may hold: for attributes (a negative offset)
         // only the inode's spinlock; for a directory's listing also the locks of its cached
-        // pages, which are held only briefly, and only by listings, never while waiting
-        // for us.
+        // pages, which only a listing holds, and only while it copies entries (to its
+        // reader's buffer: should that be a mapping of a file on this mount, the read that
+        // causes goes to another worker thread). A directory whose listing changes through
+        // a request is locked by the kernel for it, so no listing of it is in progress.
         let (ino, offset) = match what {
             Inval::Attrs(ino) => (ino, -1),
             Inval::Listing(ino) => (ino, 0),
