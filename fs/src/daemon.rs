@@ -188,7 +188,7 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
     })?);
     let mountpoint = cfg.mountpoint.clone();
     let session = Session::new(
-        StrataFuse::new(ov, cfg.fuse.max_write),
+        StrataFuse::new(ov, cfg.fuse.max_write, !cfg.fuse.no_passthrough),
         &mountpoint,
         &fuse_config(cfg, writable),
     )
@@ -227,7 +227,7 @@ pub fn serve_fd(ov: Arc<Overlay>, fd: OwnedFd) -> std::io::Result<()> {
     let mut config = Config::default();
     config.n_threads = Some(WORKER_THREADS);
     config.clone_fd = true;
-    Session::from_fd(StrataFuse::new(ov, None), fd, SessionACL::All, config)?.run()
+    Session::from_fd(StrataFuse::new(ov, None, true), fd, SessionACL::All, config)?.run()
 }
 
 /// Waits until the mount answers a request, then detaches from the caller's stdio and says

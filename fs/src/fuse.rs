@@ -16,6 +16,7 @@ use fuser::{
 };
 
 use crate::overlay::{Attr, Creator, Overlay, SetAttr, SetTime};
+use crate::passthrough::{IoModes, OpenMode};
 
 /// How long the kernel may trust names and attributes without asking again.
 const TTL: Duration = Duration::from_secs(1);
@@ -36,12 +37,33 @@ fn attr_ttl(a: &Attr) -> &'static Duration {
 pub struct StrataFuse {
     ov: Arc<Overlay>,
     max_write: Option<u32>,
+    /// Whether to ask the kernel for FUSE passthrough.
+    want_passthrough: bool,
+    io: IoModes,
 }
 
 impl StrataFuse {
-    /// Wraps an overlay; `max_write` is the `max_write=` option, if given.
-    pub fn new(ov: Arc<Overlay>, max_write: Option<u32>) -> StrataFuse {
-        StrataFuse { ov, max_write }
+    /// Wraps an overlay; `max_write` is the `max_write=` option, if given; `passthrough`
+    /// says whether to hand open upper files to the kernel (granted to root only).
+    pub fn new(ov: Arc<Overlay>, max_write: Option<u32>, passthrough: bool) -> StrataFuse {
+        StrataFuse {
+            ov,
+            max_write,
+            want_passthrough: passthrough,
+            io: IoModes::new(false),
+        }
+    }
+
+    fn open_flags(mode: &OpenMode) -> FopenFlags {
+        match mode {
+            // Layer contents change only through this mount, so cached pages stay valid
+            // unless writes bypassed the cache since.
+            OpenMode::Cached { keep_cache: true } => FopenFlags::FOPEN_KEEP_CACHE,
+            OpenMode::Cached { keep_cache: false } | OpenMode::Passthrough(_) => {
+                FopenFlags::empty()
+            }
+            OpenMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
+        }
     }
 }
 
@@ -98,6 +120,15 @@ impl Filesystem for StrataFuse {
         }
         // Lookups and listings in one directory need not wait for each other.
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // Reads and writes of open upper files go straight to the backing file. Stack depth
+        // 1: backing files sit on a plain filesystem, and the mount may itself be a layer of
+        // one more overlay.
+        if self.want_passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.io.set_enabled(true);
+        }
         Ok(())
     }
 
@@ -239,10 +270,21 @@ impl Filesystem for StrataFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.ov.open(ino.0, flags.0) {
-            // Layer contents change only through this mount, so cached pages stay valid.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(e)),
+        let fh = match self.ov.open(ino.0, flags.0) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let mode = self.io.open(
+            ino.0,
+            fh,
+            || self.ov.passthrough_file(fh),
+            |fd| reply.open_backing(fd),
+        );
+        match &mode {
+            OpenMode::Passthrough(b) => {
+                reply.opened_passthrough(FileHandle(fh), Self::open_flags(&mode), b)
+            }
+            _ => reply.opened(FileHandle(fh), Self::open_flags(&mode)),
         }
     }
 
@@ -302,6 +344,7 @@ impl Filesystem for StrataFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.io.release(fh.0);
         self.ov.release(fh.0);
         reply.ok();
     }
@@ -433,15 +476,28 @@ impl Filesystem for StrataFuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.ov.create(parent.0, name, mode, flags, creator(req)) {
-            Ok((a, fh)) => reply.created(
+        let (a, fh) = match self.ov.create(parent.0, name, mode, flags, creator(req)) {
+            Ok(v) => v,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let ino = a.st.st_ino;
+        let mode = self.io.open(
+            ino,
+            fh,
+            || self.ov.passthrough_file(fh),
+            |fd| reply.open_backing(fd),
+        );
+        let flags = Self::open_flags(&mode);
+        match &mode {
+            OpenMode::Passthrough(b) => reply.created_passthrough(
                 &TTL,
                 &file_attr(&a),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                flags,
+                b,
             ),
-            Err(e) => reply.error(errno(e)),
+            _ => reply.created(&TTL, &file_attr(&a), Generation(0), FileHandle(fh), flags),
         }
     }
 
