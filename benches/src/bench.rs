@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -47,6 +47,18 @@ impl Metric {
     }
 }
 
+/// Preparation right before a workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prep {
+    /// Nothing: runs on whatever the previous step left in the caches (warm).
+    None,
+    /// `sync`, so that the previous step's writeback does not land in this one.
+    Sync,
+    /// `sync; echo 3 > /proc/sys/vm/drop_caches` (cold).
+    DropCaches,
+}
+
 /// One row of the results.
 #[derive(Debug, Clone, Serialize)]
 pub struct Workload {
@@ -56,8 +68,8 @@ pub struct Workload {
     pub description: String,
     /// What the number is.
     pub metric: Metric,
-    /// Caches are dropped (`sync; echo 3 > drop_caches`) right before it.
-    pub cold: bool,
+    /// What happens right before it.
+    pub prep: Prep,
 }
 
 /// All workloads in the order a session runs them.
@@ -65,11 +77,15 @@ pub fn catalogue(m: &Manifest, runtime: u64) -> Vec<Workload> {
     let s = &m.spec;
     let mib = |b: u64| b >> 20;
     let walked = m.usr_entries + m.bigdir_merged;
-    let w = |id, description: String, metric, cold| Workload {
+    let w = |id, description: String, metric, cold: bool| Workload {
         id,
         description,
         metric,
-        cold,
+        prep: if cold { Prep::DropCaches } else { Prep::None },
+    };
+    let synced = |mut w: Workload| {
+        w.prep = Prep::Sync;
+        w
     };
     vec![
         w(
@@ -162,12 +178,12 @@ pub fn catalogue(m: &Manifest, runtime: u64) -> Vec<Workload> {
             Metric::Secs,
             true,
         ),
-        w(
+        synced(w(
             "create_small",
             format!("create {} files of 1 KiB (1000 per dir)", s.create_files),
             Metric::Secs,
-            true,
-        ),
+            false,
+        )),
         w(
             "copyup_small",
             format!(
@@ -186,24 +202,24 @@ pub fn catalogue(m: &Manifest, runtime: u64) -> Vec<Workload> {
             Metric::Secs,
             true,
         ),
-        w(
+        synced(w(
             "seq_write",
             format!(
                 "sequential write of a new {} MiB file, 1 MiB writes, close (no fsync)",
                 mib(s.bigfile_bytes)
             ),
             Metric::Mbps,
-            true,
-        ),
-        w(
+            false,
+        )),
+        synced(w(
             "untar",
             format!(
                 "tar -x of a {} MiB archive of /usr/lib files",
                 mib(m.tarball_bytes)
             ),
             Metric::Secs,
-            true,
-        ),
+            false,
+        )),
         w(
             "rm_subtree",
             format!(
@@ -266,8 +282,10 @@ pub struct Ctx {
     pub worker_timeout: Duration,
     /// fio run time in seconds.
     pub fio_runtime: u64,
-    /// Hash the content of every n-th regular file in the verify steps.
+    /// Hash the content of about one regular file in n in the verify steps.
     pub content_every: usize,
+    /// Run the untimed content checks in the first repetition only (quick mode).
+    pub checks_first_rep_only: bool,
 }
 
 /// Everything one session produced.
@@ -288,6 +306,9 @@ struct Session<'a> {
     mount: mounts::Mount,
     workloads: Vec<Workload>,
     task_no: usize,
+    last_wall: f64,
+    /// Whether this session runs the untimed content checks.
+    checks_on: bool,
     out: &'a mut SessionOut,
 }
 
@@ -325,23 +346,28 @@ impl Session<'_> {
         });
     }
 
-    /// Runs `task` in a worker (after dropping caches if `cold`); returns its outcome and
-    /// the daemon CPU time it cost.
-    fn run_task(&mut self, name: &str, task: &Task, cold: bool) -> Result<(Outcome, Option<f64>)> {
+    /// Runs `task` in a worker after `prep`; returns its outcome and the daemon CPU time it
+    /// cost.
+    fn run_task(&mut self, name: &str, task: &Task, prep: Prep) -> Result<(Outcome, Option<f64>)> {
         sys::check_interrupted()?;
+        let wall = Instant::now();
         self.task_no += 1;
         let spec_path = self
             .outdir
             .join(format!("task-{:02}-{name}.json", self.task_no));
         fs::write(&spec_path, serde_json::to_string(task)?)?;
-        if cold {
-            sys::drop_caches()?;
+        match prep {
+            Prep::None => {}
+            // SAFETY: sync(2) has no preconditions.
+            Prep::Sync => unsafe { libc::sync() },
+            Prep::DropCaches => sys::drop_caches()?,
         }
         let daemon = self.mount.daemon;
         let cpu0 = daemon.and_then(sys::cpu_secs);
         let r = run_worker(self.ctx, self.imp, &spec_path);
         let cpu1 = daemon.and_then(sys::cpu_secs);
         let cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
+        self.last_wall = wall.elapsed().as_secs_f64();
         r.map(|o| (o, cpu))
     }
 
@@ -351,10 +377,10 @@ impl Session<'_> {
             return None;
         }
         let w = self.workloads.iter().find(|x| x.id == name);
-        let (cold, metric) = w
-            .map(|w| (w.cold, w.metric))
-            .unwrap_or((false, Metric::Secs));
-        match self.run_task(name, &task, cold) {
+        let (prep, metric) = w
+            .map(|w| (w.prep, w.metric))
+            .unwrap_or((Prep::None, Metric::Secs));
+        match self.run_task(name, &task, prep) {
             Ok((o, cpu)) => {
                 let value = match metric {
                     Metric::Mbps => o.mbps,
@@ -364,7 +390,7 @@ impl Session<'_> {
                     Metric::Mbps => format!("{:.0} MB/s", value.unwrap_or(0.0)),
                     _ => format!("{:.3} s", o.secs),
                 };
-                eprintln!("  {name:<17} {shown}");
+                eprintln!("  {name:<17} {shown:<12} [step {:.1} s]", self.last_wall);
                 self.sample(name, value, Some(o.clone()), cpu, None);
                 Some(o)
             }
@@ -378,15 +404,21 @@ impl Session<'_> {
     }
 
     /// An untimed check task; its digest is recorded under `name`.
-    fn verify(&mut self, name: &str, list: PathBuf, cold: bool) {
+    fn verify(&mut self, name: &str, list: PathBuf, prep: Prep) {
         let task = Task::Verify {
             root: self.mount.mnt.clone(),
             content_every: self.ctx.content_every,
             bigfile: Some(self.ctx.manifest.bigfile.clone()),
             list_out: Some(list.clone()),
         };
-        match self.run_task(name, &task, cold) {
-            Ok((o, _)) => self.check(name, o.digest.unwrap_or_default(), Some(list)),
+        match self.run_task(name, &task, prep) {
+            Ok((o, _)) => {
+                eprintln!(
+                    "  {name:<17} (untimed check) [step {:.1} s]",
+                    self.last_wall
+                );
+                self.check(name, o.digest.unwrap_or_default(), Some(list))
+            }
             Err(e) => {
                 eprintln!("  {name:<17} ERROR {e:#}");
                 self.check(name, format!("ERROR {e:#}"), None)
@@ -428,7 +460,9 @@ impl Session<'_> {
             }
         }
         // The content check runs in every session whatever is selected.
-        self.verify("verify", self.outdir.join("verify.list"), false);
+        if self.checks_on {
+            self.verify("verify", self.outdir.join("verify.list"), Prep::None);
+        }
         let task = Task::Walk {
             root: root.clone(),
             list_out: None,
@@ -511,13 +545,16 @@ impl Session<'_> {
         );
 
         // The merged tree after the writes, with contents.
-        self.verify("final", self.outdir.join("final.list"), true);
+        if self.checks_on {
+            self.verify("final", self.outdir.join("final.list"), Prep::DropCaches);
+        }
     }
 }
 
 /// Runs one session: a fresh upper, mount, every selected workload, untimed checks, unmount.
 pub fn session(ctx: &Ctx, imp: &Implementation, rep: usize, out: &mut SessionOut) -> Result<()> {
     let id = imp.kind.id();
+    let started = Instant::now();
     let dir = ctx.run_dir.join(format!("{id}-r{rep}"));
     let dirs = Dirs {
         lowers: vec![ctx.manifest.l2.clone(), ctx.manifest.l1.clone()],
@@ -532,7 +569,8 @@ pub fn session(ctx: &Ctx, imp: &Implementation, rep: usize, out: &mut SessionOut
             u.chown(d)?;
         }
     }
-    sys::drop_caches()?;
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
     let mount = mounts::mount(imp, &dirs, &dir.join("daemon.log"))?;
     eprintln!("  mount             {:.3} s", mount.mount_secs);
     let mut s = Session {
@@ -543,6 +581,8 @@ pub fn session(ctx: &Ctx, imp: &Implementation, rep: usize, out: &mut SessionOut
         mount,
         workloads: catalogue(&ctx.manifest, ctx.fio_runtime),
         task_no: 0,
+        last_wall: 0.0,
+        checks_on: rep == 0 || !ctx.checks_first_rep_only,
         out,
     };
     if s.selected("mount") {
@@ -556,6 +596,7 @@ pub fn session(ctx: &Ctx, imp: &Implementation, rep: usize, out: &mut SessionOut
     // Upper layers can hold gigabytes; keep only the listings.
     sys::remove_tree(&dirs.upper)?;
     sys::remove_tree(&dirs.work)?;
+    eprintln!("  session took {:.1} s", started.elapsed().as_secs_f64());
     sys::check_interrupted()
 }
 

@@ -41,7 +41,8 @@ struct Args {
     /// mounting through fusermount3: the `stratafs-rootless` column.
     #[arg(long)]
     rootless: bool,
-    /// Repetitions of every workload per implementation (default 3).
+    /// Repetitions of every workload per implementation (default 3; in quick mode 2 when
+    /// more than 3 implementations run).
     #[arg(long)]
     reps: Option<usize>,
     /// Workloads to run, comma separated (default: all; see --list).
@@ -104,7 +105,7 @@ fn run(args: Args) -> Result<ExitCode> {
     } else {
         StackSpec::full()
     };
-    let fio_runtime = if args.quick { 2 } else { 10 };
+    let fio_runtime = if args.quick { 1 } else { 10 };
     if args.list {
         let fake = stack::Manifest {
             spec: spec.clone(),
@@ -144,7 +145,6 @@ fn run(args: Args) -> Result<ExitCode> {
             bail!("{tool} not found on PATH (apt-get install -y fio tar util-linux)");
         }
     }
-    let reps = args.reps.unwrap_or(3).max(1);
     let wanted: Vec<Kind> = args
         .impls
         .iter()
@@ -157,6 +157,11 @@ fn run(args: Args) -> Result<ExitCode> {
     if impls.is_empty() {
         bail!("no implementation to run");
     }
+    // Quick mode must stay under 3 minutes: 3 repetitions fit with 3 implementations.
+    let reps = args
+        .reps
+        .unwrap_or(if args.quick && impls.len() > 3 { 2 } else { 3 })
+        .max(1);
     for i in &impls {
         eprintln!(
             "implementation {}: {}{}",
@@ -213,6 +218,7 @@ fn run(args: Args) -> Result<ExitCode> {
         worker_timeout: Duration::from_secs(if args.quick { 180 } else { 1200 }),
         fio_runtime,
         content_every: (manifest.usr_entries / 1000).max(1),
+        checks_first_rep_only: args.quick,
         manifest,
         run_dir: run_dir.clone(),
         worker_bin,
@@ -239,6 +245,20 @@ fn run(args: Args) -> Result<ExitCode> {
         }
     }
     let interrupted = sys::interrupted();
+    let busy = |l: &str| {
+        l.split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|v| v > 1.0)
+    };
+    let load_end = sys::loadavg();
+    if busy(&machine.loadavg_start) || busy(&load_end) {
+        notes.push(format!(
+            "the machine was busy (load average {} at start, {load_end} at end): other \
+             processes competed for the {} vCPUs, so timings are noisy; rerun on an idle machine",
+            machine.loadavg_start, machine.nproc
+        ));
+    }
     if interrupted {
         notes.push("interrupted: results are partial".into());
     }
@@ -259,7 +279,7 @@ fn run(args: Args) -> Result<ExitCode> {
         quick: args.quick,
         reps,
         machine: &machine,
-        loadavg_end: sys::loadavg(),
+        loadavg_end: load_end,
         manifest: &ctx.manifest,
         impls: &impls,
         rows: &rows,

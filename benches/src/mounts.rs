@@ -184,13 +184,20 @@ pub fn discover(wanted: &[Kind], rootless: bool) -> (Vec<Implementation>, Vec<St
     (found, notes)
 }
 
-fn version_of(bin: &Path) -> Result<String> {
+/// The version `bin --version` prints on the line that starts with `name` (fuse-overlayfs
+/// 1.x also prints fusermount3's and libfuse's versions).
+fn version_of(bin: &Path, name: &str) -> Result<String> {
     let out = sys::run_bounded(Command::new(bin).arg("--version"), Duration::from_secs(10))?;
     let text = format!("{}\n{}", out.stdout, out.stderr);
     let line = text
         .lines()
-        .find(|l| l.contains("version") || l.split_whitespace().count() == 2)
-        .with_context(|| format!("{} --version printed nothing useful", bin.display()))?;
+        .find(|l| l.trim_start().starts_with(name))
+        .with_context(|| {
+            format!(
+                "{} --version printed no line starting with {name}",
+                bin.display()
+            )
+        })?;
     // "fuse-overlayfs: version 1.10", "stratafs 0.1.0"
     Ok(line
         .split_whitespace()
@@ -247,7 +254,7 @@ fn find(kind: Kind) -> Result<Implementation> {
                     e.context("apt-get install -y fuse-overlayfs, or set FUSE_OVERLAYFS_BIN")
                 }
             })?;
-            let v = version_of(&bin)?;
+            let v = version_of(&bin, "fuse-overlayfs")?;
             let major2 = v.starts_with('2');
             if (kind == Kind::FuseOverlayfs2) != major2 {
                 bail!("{} is version {v}", bin.display());
@@ -270,7 +277,7 @@ fn find(kind: Kind) -> Result<Implementation> {
             let bin = exists(bin).map_err(|e| {
                 e.context("build it first (cargo build --release --workspace) or set STRATAFS_BIN")
             })?;
-            let v = version_of(&bin)?;
+            let v = version_of(&bin, "stratafs")?;
             let (label, user) = if kind == Kind::Stratafs {
                 (format!("stratafs {v}"), None)
             } else {
@@ -452,7 +459,12 @@ pub fn mount(imp: &Implementation, dirs: &Dirs, log: &Path) -> Result<Mount> {
         .spawn()
         .with_context(|| format!("start {cmd:?}"))?;
     let status = sys::wait_bounded(&mut child, MOUNT_TIMEOUT, &format!("{cmd:?}"))?;
-    let answered = fs::metadata(&dirs.mnt).is_ok() && is_mounted(&dirs.mnt);
+    // Root may not look into a user's mount (no allow_other): the kernel refuses with
+    // EACCES before asking the daemon, so there the mount table has to do.
+    let answered = match fs::metadata(&dirs.mnt) {
+        Ok(_) => true,
+        Err(e) => imp.user.is_some() && e.raw_os_error() == Some(libc::EACCES),
+    } && is_mounted(&dirs.mnt);
     let mount_secs = start.elapsed().as_secs_f64();
     let mut m = Mount {
         mnt: dirs.mnt.clone(),

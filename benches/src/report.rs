@@ -247,7 +247,7 @@ impl Report<'_> {
 
         // Daemon CPU.
         let fuse: Vec<&Implementation> = others.clone();
-        if !fuse.is_empty() {
+        if !fuse.is_empty() && self.rows.iter().any(|r| !r.daemon_cpu_secs.is_empty()) {
             s.push_str(
                 "\nDaemon CPU time (user + system, s, median) per workload:\n\n| workload |",
             );

@@ -275,6 +275,11 @@ impl Fnv {
         }
     }
 
+    /// The hash so far.
+    pub fn value(&self) -> u64 {
+        self.0
+    }
+
     /// The hash so far, as 16 hex digits.
     pub fn hex(&self) -> String {
         format!("{:016x}", self.0)

@@ -113,7 +113,8 @@ pub enum Task {
     Verify {
         /// Root of the tree.
         root: PathBuf,
-        /// Hash the content of every n-th regular file (in sorted order); 0 = none.
+        /// Hash the content of about one regular file in n (chosen by a hash of the
+        /// path); 0 = none.
         content_every: usize,
         /// Big file (relative to `root`) whose chunks are hashed, if any.
         bigfile: Option<String>,
@@ -324,7 +325,6 @@ struct TreeDigest {
     count: u64,
     readlink: bool,
     content_every: usize,
-    files_seen: usize,
     list: Option<Vec<String>>,
 }
 
@@ -335,7 +335,6 @@ impl TreeDigest {
             count: 0,
             readlink,
             content_every,
-            files_seen: 0,
             list: keep_list.then(Vec::new),
         }
     }
@@ -385,10 +384,13 @@ impl TreeDigest {
                 line.push_str(&format!(" -> {}", t.display()));
             }
             if ft.is_file() && self.content_every > 0 {
-                if self.files_seen % self.content_every == 0 {
+                // Sampled by path, so that one extra or missing file does not shift which
+                // files are hashed.
+                let mut ph = Fnv::default();
+                ph.write(r.as_bytes());
+                if ph.value() % self.content_every as u64 == 0 {
                     line.push_str(&format!(" #{}", hash_file(&e.path())?));
                 }
-                self.files_seen += 1;
             }
             self.add(line);
         }
