@@ -340,7 +340,7 @@ pub fn cleanup_stale(scratch: &Path) {
     for m in stale {
         eprintln!("cleanup: unmounting stale {}", m.display());
         let pids = daemon_pids(&m);
-        let _ = sys::run_bounded(Command::new("umount").arg("-l").arg(&m), UNMOUNT_TIMEOUT);
+        let _ = sys::run_cleanup(Command::new("umount").arg("-l").arg(&m), UNMOUNT_TIMEOUT);
         for p in pids {
             sys_kill(p, libc::SIGTERM);
         }
@@ -517,7 +517,7 @@ impl Mount {
         self.unmounted = true;
         let mut problems = Vec::new();
         if is_mounted(&self.mnt) {
-            let r = sys::run_bounded(Command::new("umount").arg(&self.mnt), UNMOUNT_TIMEOUT);
+            let r = sys::run_cleanup(Command::new("umount").arg(&self.mnt), UNMOUNT_TIMEOUT);
             let ok = matches!(&r, Ok(o) if o.status.success());
             if !ok {
                 problems.push(match r {
@@ -527,7 +527,7 @@ impl Mount {
                 if let Some(p) = self.daemon {
                     sys_kill(p, libc::SIGKILL);
                 }
-                let _ = sys::run_bounded(
+                let _ = sys::run_cleanup(
                     Command::new("umount").arg("-l").arg(&self.mnt),
                     UNMOUNT_TIMEOUT,
                 );

@@ -46,6 +46,16 @@ pub fn check_interrupted() -> Result<()> {
 /// Waits for `child` at most `limit`; kills it (SIGKILL) when the deadline passes or a
 /// termination signal arrives. Returns the exit status, or an error naming `what`.
 pub fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> Result<ExitStatus> {
+    wait_until(child, limit, what, true)
+}
+
+/// [`wait_bounded`], optionally going on after a termination signal (for cleanup).
+fn wait_until(
+    child: &mut Child,
+    limit: Duration,
+    what: &str,
+    interruptible: bool,
+) -> Result<ExitStatus> {
     let start = Instant::now();
     loop {
         if let Some(st) = child
@@ -54,10 +64,11 @@ pub fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> Result<Ex
         {
             return Ok(st);
         }
-        if start.elapsed() > limit || interrupted() {
+        let stop = interruptible && interrupted();
+        if start.elapsed() > limit || stop {
             let _ = child.kill();
             let _ = child.wait();
-            if interrupted() {
+            if stop {
                 bail!("{what}: interrupted by a signal");
             }
             bail!("{what}: still running after {limit:?}, killed");
@@ -80,6 +91,15 @@ pub struct Output {
 /// most `limit`. Errors when it cannot be started or outlives the limit; a non-zero exit is
 /// returned, not an error.
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    run_inner(cmd, limit, true)
+}
+
+/// [`run_bounded`] that a termination signal does not cut short: for unmounting.
+pub fn run_cleanup(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    run_inner(cmd, limit, false)
+}
+
+fn run_inner(cmd: &mut Command, limit: Duration, interruptible: bool) -> Result<Output> {
     let what = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())
@@ -99,7 +119,7 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<Output> {
         let _ = err.read_to_end(&mut s);
         s
     });
-    let status = wait_bounded(&mut child, limit, &what)?;
+    let status = wait_until(&mut child, limit, &what, interruptible)?;
     let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
     Ok(Output {
