@@ -1,7 +1,8 @@
 //! FUSE passthrough: as root, open upper files are read and written by the kernel directly;
 //! a lower file never backs a passthrough (writes must not reach the image layer, and a
 //! reader opened before a copy-up must see later writes, as with kernel overlayfs); mixed
-//! opens of one inode never fail; rootless mounts fall back cleanly.
+//! opens of one inode never fail; rootless mounts fall back cleanly (and an unprivileged
+//! creator writes a file whose mode denies it, through the creating open).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -132,12 +133,14 @@ fn rootless_mount_falls_back_without_passthrough() {
     let g = MountGuard::fuse(&mnt).unmount_as(&user);
     assert!(out.success(), "{}", out.describe());
     let script = format!(
-        "echo more >> {m}/f && cat {m}/f && head -c 3 {m}/f",
+        "echo more >> {m}/f && cat {m}/f && head -c 3 {m}/f && \
+         (umask 777 && echo placeholder > {m}/p) && stat -c ' %a %s' {m}/p",
         m = mnt.display()
     );
     let out = run_as(&user, &["sh", "-c", &script]);
     assert!(out.success(), "{}", out.describe());
-    assert_eq!(out.stdout_str(), "lower\nmore\nlow");
+    // The mode-0 file is written through its creating open, as tar does for placeholders.
+    assert_eq!(out.stdout_str(), "lower\nmore\nlow 0 12\n");
     assert_eq!(fs::read(lower.path("f")).unwrap(), b"lower\n");
     drop(g);
 }
