@@ -194,7 +194,8 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
     })?);
     let mountpoint = cfg.mountpoint.clone();
     let session = Session::new(
-        StrataFuse::new(ov.clone(), cfg.fuse.max_write).with_stats(stats.clone()),
+        StrataFuse::new(ov.clone(), cfg.fuse.max_write, !cfg.fuse.no_passthrough)
+            .with_stats(stats.clone()),
         &mountpoint,
         &fuse_config(cfg, writable),
     )
@@ -245,7 +246,7 @@ pub fn serve_fd(ov: Arc<Overlay>, fd: OwnedFd) -> std::io::Result<()> {
     config.n_threads = Some(WORKER_THREADS);
     config.clone_fd = true;
     let stats = RequestStats::from_env().map(Arc::new);
-    let fs = StrataFuse::new(ov.clone(), None).with_stats(stats.clone());
+    let fs = StrataFuse::new(ov.clone(), None, true).with_stats(stats.clone());
     let session = Session::from_fd(fs, fd, SessionACL::All, config)?;
     connect_invalidations(&ov, session.notifier(), stats);
     session.run()

@@ -17,6 +17,7 @@ use fuser::{
 };
 
 use crate::overlay::{Attr, Creator, Inval, Overlay, SetAttr, SetTime};
+use crate::passthrough::{IoModes, OpenMode};
 use crate::stats::{Op, RequestStats};
 
 /// Cache lifetime of names and attributes when the overlay is exact
@@ -126,16 +127,22 @@ pub struct StrataFuse {
     max_write: Option<u32>,
     stats: Option<Arc<RequestStats>>,
     ttl: Ttls,
+    /// Whether to ask the kernel for FUSE passthrough.
+    want_passthrough: bool,
+    io: IoModes,
 }
 
 impl StrataFuse {
-    /// Wraps an overlay; `max_write` is the `max_write=` option, if given.
-    pub fn new(ov: Arc<Overlay>, max_write: Option<u32>) -> StrataFuse {
+    /// Wraps an overlay; `max_write` is the `max_write=` option, if given; `passthrough`
+    /// says whether to hand open upper files to the kernel (granted to root only).
+    pub fn new(ov: Arc<Overlay>, max_write: Option<u32>, passthrough: bool) -> StrataFuse {
         StrataFuse {
             ttl: Ttls::for_overlay(&ov),
             ov,
             max_write,
             stats: None,
+            want_passthrough: passthrough,
+            io: IoModes::new(false),
         }
     }
 
@@ -160,6 +167,18 @@ impl StrataFuse {
     fn count(&self, op: Op) {
         if let Some(s) = &self.stats {
             s.bump(op);
+        }
+    }
+
+    fn open_flags(mode: &OpenMode) -> FopenFlags {
+        match mode {
+            // Layer contents change only through this mount, so cached pages stay valid
+            // unless writes bypassed the cache since.
+            OpenMode::Cached { keep_cache: true } => FopenFlags::FOPEN_KEEP_CACHE,
+            OpenMode::Cached { keep_cache: false } | OpenMode::Passthrough(_) => {
+                FopenFlags::empty()
+            }
+            OpenMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
         }
     }
 }
@@ -232,6 +251,15 @@ impl Filesystem for StrataFuse {
             // A symlink's target never changes (a new target is a new symlink, with its
             // own inode number), so the kernel may keep it in the symlink's page cache.
             let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+        }
+        // Reads and writes of open upper files go straight to the backing file. Stack depth
+        // 1: backing files sit on a plain filesystem, and the mount may itself be a layer of
+        // one more overlay.
+        if self.want_passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.io.set_enabled(true);
         }
         Ok(())
     }
@@ -390,10 +418,21 @@ impl Filesystem for StrataFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.count(Op::Open);
-        match self.ov.open(ino.0, flags.0) {
-            // Layer contents change only through this mount, so cached pages stay valid.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(e)),
+        let fh = match self.ov.open(ino.0, flags.0) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let mode = self.io.open(
+            ino.0,
+            fh,
+            || self.ov.passthrough_file(fh),
+            |fd| reply.open_backing(fd),
+        );
+        match &mode {
+            OpenMode::Passthrough(b) => {
+                reply.opened_passthrough(FileHandle(fh), Self::open_flags(&mode), b)
+            }
+            _ => reply.opened(FileHandle(fh), Self::open_flags(&mode)),
         }
     }
 
@@ -457,6 +496,7 @@ impl Filesystem for StrataFuse {
         reply: ReplyEmpty,
     ) {
         self.count(Op::Release);
+        self.io.release(fh.0);
         self.ov.release(fh.0);
         reply.ok();
     }
@@ -678,15 +718,34 @@ impl Filesystem for StrataFuse {
         reply: ReplyCreate,
     ) {
         self.count(Op::Create);
-        match self.ov.create(parent.0, name, mode, flags, creator(req)) {
-            Ok((a, fh)) => reply.created(
+        let (a, fh) = match self.ov.create(parent.0, name, mode, flags, creator(req)) {
+            Ok(v) => v,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let ino = a.st.st_ino;
+        let mode = self.io.open(
+            ino,
+            fh,
+            || self.ov.passthrough_file(fh),
+            |fd| reply.open_backing(fd),
+        );
+        let flags = Self::open_flags(&mode);
+        match &mode {
+            OpenMode::Passthrough(b) => reply.created_passthrough(
                 &self.ttl.entry,
                 &file_attr(&a),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                flags,
+                b,
             ),
-            Err(e) => reply.error(errno(e)),
+            _ => reply.created(
+                &self.ttl.entry,
+                &file_attr(&a),
+                Generation(0),
+                FileHandle(fh),
+                flags,
+            ),
         }
     }
 

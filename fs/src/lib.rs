@@ -14,6 +14,7 @@ pub mod inode;
 pub mod layers;
 pub mod options;
 pub mod overlay;
+pub mod passthrough;
 pub mod statoverride;
 pub mod stats;
 pub mod sys;

@@ -56,7 +56,7 @@ pub enum OptionError {
     after_help = "Overlay options: lowerdir=TOP:...:BOTTOM (\\: escapes a colon), upperdir=DIR, \
 workdir=DIR, whiteout=auto|chardev|oci, squash_to_root, squash_to_uid=N, squash_to_gid=N, \
 uidmapping=STORED:SHOWN:N[:...], gidmapping=..., xattr_permissions=0|1|2, volatile.\nMount options: allow_other, allow_root, default_permissions, ro, [no]suid, [no]dev, \
-[no]exec, [no]atime, max_write=N, fsname=NAME.\nUnknown options are reported and ignored."
+[no]exec, [no]atime, max_write=N, fsname=NAME, [no]passthrough.\nUnknown options are reported and ignored."
 )]
 struct RawArgs {
     /// Stay in the foreground instead of detaching.
@@ -94,6 +94,9 @@ pub struct FuseOptions {
     pub max_write: Option<u32>,
     /// `fsname=NAME` (shown as the mount source).
     pub fsname: Option<String>,
+    /// `nopassthrough`: serve every read and write in the daemon, even where the kernel
+    /// would let open files be read and written directly (FUSE passthrough, root only).
+    pub no_passthrough: bool,
 }
 
 /// Everything the command line says about one mount.
@@ -367,6 +370,8 @@ impl MountConfig {
             "atime" => self.fuse.atime = Some(true),
             "noatime" => self.fuse.atime = Some(false),
             "fsname" => self.fuse.fsname = Some(need(value)?.to_string()),
+            "passthrough" => self.fuse.no_passthrough = false,
+            "nopassthrough" => self.fuse.no_passthrough = true,
             "max_write" => {
                 let v = need(value)?;
                 let n: u32 = v.parse().map_err(|_| OptionError::BadValue {

@@ -727,6 +727,24 @@ impl Overlay {
         f(&file.1)
     }
 
+    /// The descriptor a FUSE passthrough of handle `fh` may read and write directly, with the
+    /// identity (`st_dev`, `st_ino`) of the real file behind it: only a complete upper file
+    /// qualifies. A lower file never does: a reader must see writes made after a copy-up
+    /// (they go to the upper copy), and a kernel passthrough cannot be moved to another file.
+    pub fn passthrough_file(&self, fh: u64) -> Option<(std::os::fd::OwnedFd, (u64, u64))> {
+        let h = self.handles.get(fh)?;
+        let Handle::File(of) = h.as_ref() else {
+            return None;
+        };
+        let file = of.file.read();
+        if file.0 != 0 || self.upper.is_none() {
+            return None;
+        }
+        let st = sys::stat_fd(file.1.as_fd()).ok()?;
+        let fd = file.1.as_fd().try_clone_to_owned().ok()?;
+        Some((fd, (st.st_dev, st.st_ino)))
+    }
+
     /// Reads up to `size` bytes at `offset` from open file `fh`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> OvlResult<Vec<u8>> {
         self.with_current_fd(fh, |file| read_full(file, offset, size))

@@ -254,21 +254,28 @@ impl Overlay {
         flags: i32,
         who: Creator,
     ) -> OvlResult<(Attr, u64)> {
+        // The handle is the creating open itself: reopening would fail for an unprivileged
+        // caller when the new mode lacks owner read or write (tar's mode-0 placeholders),
+        // and the kernel lets the creator use what it created whatever the mode.
+        let extra = flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_SYNC | libc::O_DSYNC);
+        let mut created = None;
         let attr = self.create_entry(parent, name, who, false, mode, |pfd, cname| {
-            sys::create_child(
+            created = Some(sys::create_child(
                 pfd.as_fd(),
                 cname,
-                libc::O_EXCL | libc::O_WRONLY,
+                libc::O_EXCL | libc::O_RDWR | extra,
                 mode & 0o7777,
-            )
-            .map(drop)
+            )?);
+            Ok(())
         })?;
         // The entry exists now, and the kernel holds a reference to it only if this succeeds.
         let opened = self.node(attr.st.st_ino).and_then(|node| {
-            self.open_for_write(
+            let fd = created.ok_or(libc::EIO)?;
+            Ok(self.handles.insert(Handle::File(OpenFile {
                 node,
-                flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
-            )
+                file: parking_lot::RwLock::new((0, File::from(fd))),
+                writable: true,
+            })))
         });
         match opened {
             Ok(fh) => Ok((attr, fh)),
