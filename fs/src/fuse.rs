@@ -178,7 +178,6 @@ impl StrataFuse {
             OpenMode::Cached { keep_cache: false } | OpenMode::Passthrough(_) => {
                 FopenFlags::empty()
             }
-            OpenMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
         }
     }
 }

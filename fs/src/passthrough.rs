@@ -3,9 +3,10 @@
 //!
 //! The kernel (6.9+) lets an inode be open either through its own page cache ("cached") or
 //! through one backing file ("passthrough"), never both at once, and never through two
-//! different backing files: an open that breaks this fails with EIO. So each inode here is
-//! in one mode while it has open files, and an open that cannot join that mode is served by
-//! the daemon without the page cache (`FOPEN_DIRECT_IO`), which takes no mode.
+//! different backing files: an open that breaks this fails with EIO (on 6.18 so does an
+//! `FOPEN_DIRECT_IO` open of an inode in passthrough mode). So each inode here is in one
+//! mode while it has open files, and every open joins it: a cached inode gets cached opens,
+//! and a passed-through inode gets its one backing file, which is the inode's upper copy.
 //!
 //! Backing files are keyed by the real file they point at (`st_dev`, `st_ino`), not by our
 //! inode number alone: a lower file and its upper copy share our inode number, and a backing
@@ -31,8 +32,6 @@ pub enum OpenMode {
     },
     /// Directly on the backing file.
     Passthrough(Arc<BackingId>),
-    /// Through the daemon, bypassing the page cache.
-    Direct,
 }
 
 #[derive(Debug)]
@@ -60,7 +59,7 @@ struct Inode {
 pub struct IoModes {
     enabled: AtomicBool,
     inodes: Mutex<HashMap<u64, Inode>>,
-    handles: Mutex<HashMap<u64, (u64, bool)>>,
+    handles: Mutex<HashMap<u64, u64>>,
 }
 
 impl IoModes {
@@ -90,22 +89,28 @@ impl IoModes {
     ) -> OpenMode {
         let mut inodes = self.inodes.lock();
         let node = inodes.entry(ino).or_default();
-        let (mode, counted) = match &mut node.state {
+        let mode = match &mut node.state {
             Some(State::Cached { opens }) => {
                 *opens += 1;
-                (OpenMode::Cached { keep_cache: true }, true)
+                OpenMode::Cached { keep_cache: true }
             }
             Some(State::Passthrough {
                 real: have,
                 backing,
                 opens,
-            }) => match real() {
-                Some((_, id)) if id == *have => {
-                    *opens += 1;
-                    (OpenMode::Passthrough(backing.clone()), true)
+            }) => {
+                // Any other open of the inode must use the same backing file. It is the
+                // upper copy that every name of the inode now resolves to; an open naming
+                // another real file (not expected: copy-up keeps one upper object per
+                // inode) is logged and still joins, since the kernel would refuse it.
+                if let Some((_, id)) = real() {
+                    if id != *have {
+                        tracing::warn!("inode {ino}: open of {id:?} joins backing {have:?}");
+                    }
                 }
-                _ => (OpenMode::Direct, false),
-            },
+                *opens += 1;
+                OpenMode::Passthrough(backing.clone())
+            }
             None => {
                 let candidate = if self.enabled.load(Ordering::Relaxed) {
                     real()
@@ -129,34 +134,28 @@ impl IoModes {
                             opens: 1,
                         });
                         node.cache_stale = true;
-                        (OpenMode::Passthrough(backing), true)
+                        OpenMode::Passthrough(backing)
                     }
                     None => {
                         let keep_cache = !node.cache_stale;
                         node.cache_stale = false;
                         node.state = Some(State::Cached { opens: 1 });
-                        (OpenMode::Cached { keep_cache }, true)
+                        OpenMode::Cached { keep_cache }
                     }
                 }
             }
         };
-        if !counted && node.state.is_none() {
-            inodes.remove(&ino);
-        }
         drop(inodes);
-        self.handles.lock().insert(fh, (ino, counted));
+        self.handles.lock().insert(fh, ino);
         mode
     }
 
     /// Forgets handle `fh`; the inode's mode ends with its last open, and its backing id is
     /// closed then.
     pub fn release(&self, fh: u64) {
-        let Some((ino, counted)) = self.handles.lock().remove(&fh) else {
+        let Some(ino) = self.handles.lock().remove(&fh) else {
             return;
         };
-        if !counted {
-            return;
-        }
         let mut inodes = self.inodes.lock();
         let Some(node) = inodes.get_mut(&ino) else {
             return;

@@ -144,3 +144,35 @@ fn rootless_mount_falls_back_without_passthrough() {
     assert_eq!(fs::read(lower.path("f")).unwrap(), b"lower\n");
     drop(g);
 }
+
+#[test]
+fn every_name_of_a_lower_hard_link_reads_while_a_writer_is_open() {
+    let sc = Scratch::new();
+    let lower = sc.layer("lower");
+    lower.dir("a").dir("b").file("a/y", "lowerdata\n");
+    fs::hard_link(lower.path("a/y"), lower.path("b/g")).unwrap();
+    let up = sc.mkdir("upper");
+    let work = sc.mkdir("work");
+    let mnt = sc.mkdir("mnt");
+    let _g = Strata::new(&[lower.root()]).upper(&up, &work).mount(&mnt);
+    assert_eq!(fs::read(mnt.join("a/y")).unwrap(), b"lowerdata\n");
+    let mut w = OpenOptions::new()
+        .append(true)
+        .open(mnt.join("a/y"))
+        .unwrap();
+    // The other name resolves to the index entry, the first to the linked-up copy: one
+    // inode, one backing file, and no open may fail.
+    for name in ["b/g", "a/y", "b/g"] {
+        assert_eq!(fs::read(mnt.join(name)).unwrap(), b"lowerdata\n", "{name}");
+    }
+    w.write_all(b"more\n").unwrap();
+    for name in ["b/g", "a/y"] {
+        assert_eq!(
+            fs::read(mnt.join(name)).unwrap(),
+            b"lowerdata\nmore\n",
+            "{name}"
+        );
+    }
+    drop(w);
+    assert_eq!(fs::read(lower.path("b/g")).unwrap(), b"lowerdata\n");
+}

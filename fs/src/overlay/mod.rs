@@ -737,7 +737,9 @@ impl Overlay {
             return None;
         };
         let file = of.file.read();
-        if file.0 != 0 || self.upper.is_none() {
+        // The upper layer, or an index entry (an upper file not yet linked up under this
+        // name: the same inode as the upper copy once it is).
+        if (file.0 != 0 && file.0 != INDEX_LAYER) || self.upper.is_none() {
             return None;
         }
         let st = sys::stat_fd(file.1.as_fd()).ok()?;
