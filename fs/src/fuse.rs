@@ -423,7 +423,6 @@ impl Filesystem for StrataFuse {
         };
         let mode = self.io.open(
             ino.0,
-            fh,
             || self.ov.passthrough_file(fh),
             |fd| reply.open_backing(fd),
         );
@@ -487,7 +486,7 @@ impl Filesystem for StrataFuse {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -495,7 +494,7 @@ impl Filesystem for StrataFuse {
         reply: ReplyEmpty,
     ) {
         self.count(Op::Release);
-        self.io.release(fh.0);
+        self.io.release(ino.0);
         self.ov.release(fh.0);
         reply.ok();
     }
@@ -724,7 +723,6 @@ impl Filesystem for StrataFuse {
         let ino = a.st.st_ino;
         let mode = self.io.open(
             ino,
-            fh,
             || self.ov.passthrough_file(fh),
             |fd| reply.open_backing(fd),
         );

@@ -8,18 +8,17 @@
 //! mode while it has open files, and every open joins it: a cached inode gets cached opens,
 //! and a passed-through inode gets its one backing file, which is the inode's upper copy.
 //!
-//! Backing files are keyed by the real file they point at (`st_dev`, `st_ino`), not by our
-//! inode number alone: a lower file and its upper copy share our inode number, and a backing
-//! file on the lower copy would send writes into the image layer. Only complete upper files
-//! are offered for passthrough at all (see `Overlay::passthrough_file`).
+//! A lower file and its upper copy share our inode number, and a backing file on the lower
+//! copy would send writes into the image layer; so only complete upper files are offered
+//! for passthrough at all (see `Overlay::passthrough_file`). Copy-up keeps one upper object
+//! per inode, so the one backing file of an inode is always that object.
 
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use dashmap::DashMap;
 use fuser::BackingId;
-use parking_lot::Mutex;
 
 /// How one open was answered.
 #[derive(Debug, Clone)]
@@ -36,14 +35,8 @@ pub enum OpenMode {
 
 #[derive(Debug)]
 enum State {
-    Cached {
-        opens: u32,
-    },
-    Passthrough {
-        real: (u64, u64),
-        backing: Arc<BackingId>,
-        opens: u32,
-    },
+    Cached { opens: u32 },
+    Passthrough { backing: Arc<BackingId>, opens: u32 },
 }
 
 #[derive(Debug, Default)]
@@ -54,12 +47,11 @@ struct Inode {
     cache_stale: bool,
 }
 
-/// The I/O modes of all inodes with open files, and which mode each handle took.
+/// The I/O modes of all inodes with open files.
 #[derive(Debug)]
 pub struct IoModes {
     enabled: AtomicBool,
-    inodes: Mutex<HashMap<u64, Inode>>,
-    handles: Mutex<HashMap<u64, u64>>,
+    inodes: DashMap<u64, Inode>,
 }
 
 impl IoModes {
@@ -67,8 +59,7 @@ impl IoModes {
     pub fn new(enabled: bool) -> IoModes {
         IoModes {
             enabled: AtomicBool::new(enabled),
-            inodes: Mutex::new(HashMap::new()),
-            handles: Mutex::new(HashMap::new()),
+            inodes: DashMap::new(),
         }
     }
 
@@ -77,37 +68,25 @@ impl IoModes {
         self.enabled.store(on, Ordering::Relaxed);
     }
 
-    /// Decides how handle `fh` of inode `ino` is opened. `real` gives the passthrough
-    /// candidate (a descriptor and the real file's identity), `register` turns a descriptor
-    /// into a kernel backing id.
+    /// Decides how a new open of inode `ino` is answered. `real` gives the passthrough
+    /// candidate (a descriptor on the upper file), `register` turns a descriptor into a
+    /// kernel backing id; both are asked only when the inode has no open file yet.
     pub fn open(
         &self,
         ino: u64,
-        fh: u64,
-        real: impl FnOnce() -> Option<(OwnedFd, (u64, u64))>,
+        real: impl FnOnce() -> Option<OwnedFd>,
         register: impl FnOnce(&OwnedFd) -> std::io::Result<BackingId>,
     ) -> OpenMode {
-        let mut inodes = self.inodes.lock();
-        let node = inodes.entry(ino).or_default();
-        let mode = match &mut node.state {
+        let mut node = self.inodes.entry(ino).or_default();
+        match &mut node.state {
             Some(State::Cached { opens }) => {
                 *opens += 1;
                 OpenMode::Cached { keep_cache: true }
             }
-            Some(State::Passthrough {
-                real: have,
-                backing,
-                opens,
-            }) => {
-                // Any other open of the inode must use the same backing file. It is the
-                // upper copy that every name of the inode now resolves to; an open naming
-                // another real file (not expected: copy-up keeps one upper object per
-                // inode) is logged and still joins, since the kernel would refuse it.
-                if let Some((_, id)) = real() {
-                    if id != *have {
-                        tracing::warn!("inode {ino}: open of {id:?} joins backing {have:?}");
-                    }
-                }
+            // Any other open of the inode must use the same backing file (the kernel refuses
+            // anything else): the upper copy that every name of the inode resolves to, since
+            // copy-up keeps one upper object per inode.
+            Some(State::Passthrough { backing, opens, .. }) => {
                 *opens += 1;
                 OpenMode::Passthrough(backing.clone())
             }
@@ -117,8 +96,8 @@ impl IoModes {
                 } else {
                     None
                 };
-                let backing = candidate.and_then(|(fd, id)| match register(&fd) {
-                    Ok(b) => Some((Arc::new(b), id)),
+                let backing = candidate.and_then(|fd| match register(&fd) {
+                    Ok(b) => Some(Arc::new(b)),
                     Err(e) => {
                         // Not permitted (rootless) or not supported: stop trying.
                         tracing::debug!("passthrough unavailable: {e}");
@@ -127,9 +106,8 @@ impl IoModes {
                     }
                 });
                 match backing {
-                    Some((backing, id)) => {
+                    Some(backing) => {
                         node.state = Some(State::Passthrough {
-                            real: id,
                             backing: backing.clone(),
                             opens: 1,
                         });
@@ -144,34 +122,29 @@ impl IoModes {
                     }
                 }
             }
-        };
-        drop(inodes);
-        self.handles.lock().insert(fh, ino);
-        mode
+        }
     }
 
-    /// Forgets handle `fh`; the inode's mode ends with its last open, and its backing id is
-    /// closed then.
-    pub fn release(&self, fh: u64) {
-        let Some(ino) = self.handles.lock().remove(&fh) else {
-            return;
-        };
-        let mut inodes = self.inodes.lock();
-        let Some(node) = inodes.get_mut(&ino) else {
-            return;
-        };
-        let last = match &mut node.state {
-            Some(State::Cached { opens }) | Some(State::Passthrough { opens, .. }) => {
-                *opens -= 1;
-                *opens == 0
+    /// Counts the release of one open of inode `ino` (FUSE names the inode in every
+    /// release); the inode's mode ends with its last open, and its backing id is closed then.
+    pub fn release(&self, ino: u64) {
+        let mut forget = false;
+        if let Some(mut node) = self.inodes.get_mut(&ino) {
+            let last = match &mut node.state {
+                Some(State::Cached { opens }) | Some(State::Passthrough { opens, .. }) => {
+                    *opens -= 1;
+                    *opens == 0
+                }
+                None => false,
+            };
+            if last {
+                node.state = None;
+                forget = !node.cache_stale;
             }
-            None => false,
-        };
-        if last {
-            node.state = None;
-            if !node.cache_stale {
-                inodes.remove(&ino);
-            }
+        }
+        if forget {
+            self.inodes
+                .remove_if(&ino, |_, n| n.state.is_none() && !n.cache_stale);
         }
     }
 }

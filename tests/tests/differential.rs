@@ -48,6 +48,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use strata_tests::mount::{is_mounted, mountinfo, pid_alive};
+
 // ---------------------------------------------------------------------------------------------
 // Configuration
 // ---------------------------------------------------------------------------------------------
@@ -1595,52 +1597,9 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
+/// Mount points of this process's namespace, in mount order.
 fn mountpoints() -> Vec<PathBuf> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            l.split(' ')
-                .nth(4)
-                .map(|m| PathBuf::from(unescape_mountinfo(m)))
-        })
-        .collect()
-}
-
-fn is_mounted(p: &Path) -> bool {
-    mountpoints().iter().any(|m| m == p)
-}
-
-fn pid_alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(s) => {
-            let state = s
-                .rsplit_once(')')
-                .and_then(|(_, r)| r.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-    }
+    mountinfo().into_iter().map(|m| m.mountpoint).collect()
 }
 
 /// The stratafs daemon(s) serving `mnt`: processes named like the binary with `mnt` among

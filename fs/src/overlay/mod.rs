@@ -727,11 +727,11 @@ impl Overlay {
         f(&file.1)
     }
 
-    /// The descriptor a FUSE passthrough of handle `fh` may read and write directly, with the
-    /// identity (`st_dev`, `st_ino`) of the real file behind it: only a complete upper file
-    /// qualifies. A lower file never does: a reader must see writes made after a copy-up
-    /// (they go to the upper copy), and a kernel passthrough cannot be moved to another file.
-    pub fn passthrough_file(&self, fh: u64) -> Option<(std::os::fd::OwnedFd, (u64, u64))> {
+    /// The descriptor a FUSE passthrough of handle `fh` may read and write directly: only a
+    /// complete upper file qualifies. A lower file never does: a reader must see writes
+    /// made after a copy-up (they go to the upper copy), and a kernel passthrough cannot be
+    /// moved to another file.
+    pub fn passthrough_file(&self, fh: u64) -> Option<std::os::fd::OwnedFd> {
         let h = self.handles.get(fh)?;
         let Handle::File(of) = h.as_ref() else {
             return None;
@@ -742,9 +742,7 @@ impl Overlay {
         if (file.0 != 0 && file.0 != INDEX_LAYER) || self.upper.is_none() {
             return None;
         }
-        let st = sys::stat_fd(file.1.as_fd()).ok()?;
-        let fd = file.1.as_fd().try_clone_to_owned().ok()?;
-        Some((fd, (st.st_dev, st.st_ino)))
+        file.1.as_fd().try_clone_to_owned().ok()
     }
 
     /// Reads up to `size` bytes at `offset` from open file `fh`.

@@ -198,18 +198,14 @@ impl Overlay {
         let had_whiteout = upper.remove_whiteout(pfd.as_fd(), name)?;
         make(pfd, cname)?;
         let pst = sys::stat_fd(pfd.as_fd())?;
-        // A set-group-id directory hands its group down, as the kernel does on create.
+        // A set-group-id directory hands its (stored) group down, as the kernel does on
+        // create; otherwise the caller's ids are stored through the mapping.
         let gid = if pst.st_mode & libc::S_ISGID != 0 {
             pst.st_gid
         } else {
-            who.gid
+            self.ids.gid.stored(who.gid)
         };
         let uid = self.ids.uid.stored(who.uid);
-        let gid = if pst.st_mode & libc::S_ISGID != 0 {
-            gid
-        } else {
-            self.ids.gid.stored(gid)
-        };
         let st0 = sys::stat_at(pfd.as_fd(), cname)?;
         if let Some(xname) = self.stack.get(0).stat_override {
             // The owner and the asked-for mode go in the override; the inode keeps the
