@@ -173,7 +173,7 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
         .map_err(|e| format!("cannot block signals: {e}"))?;
     // Layers may hold many directories; use every descriptor we are allowed.
     raise_nofile_limit();
-    one_malloc_arena();
+    crate::heap::one_arena();
     // Modes of new files come from the kernel with the caller's umask already applied.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
 
@@ -243,7 +243,7 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
 /// `mount(2)` and `fd=N`), until that mount goes away. For callers that mount in a namespace
 /// of their own, such as the `strata` runner.
 pub fn serve_fd(ov: Arc<Overlay>, fd: OwnedFd) -> std::io::Result<()> {
-    one_malloc_arena();
+    crate::heap::one_arena();
     let mut config = Config::default();
     config.n_threads = Some(WORKER_THREADS);
     config.clone_fd = true;
@@ -299,20 +299,6 @@ fn raise_nofile_limit() {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
-    }
-}
-
-/// Keeps every thread's allocations in one glibc malloc arena. Nodes are allocated by
-/// whichever worker served the lookup and live as long as the kernel holds them, so with an
-/// arena per worker each arena keeps its own partly used pages: a walk of 36k entries took
-/// about 2.5 MiB more that way (~75 bytes per inode). Small allocations mostly come from the
-/// per-thread cache, so the shared arena's lock is rarely contended. Only new arenas are
-/// affected, so this must run before the workers start.
-fn one_malloc_arena() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets a malloc tunable.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -9,6 +9,7 @@ pub mod dirmerge;
 pub mod fdcache;
 pub mod fuse;
 pub mod handles;
+pub mod heap;
 pub mod idmap;
 pub mod inode;
 pub mod layers;
