@@ -9,7 +9,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use parking_lot::RwLock;
 
@@ -266,7 +265,7 @@ pub struct Node {
     pub ino: u64,
     /// File type bits (`S_IFMT` part of the mode).
     pub kind: u32,
-    lookups: AtomicU64,
+    pub(crate) lookups: AtomicU64,
     /// Where it lives.
     pub loc: RwLock<Location>,
     /// Serialises copy-up of this node (and changes of its location).
@@ -297,72 +296,6 @@ impl Node {
     /// Whether this node is a directory.
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
-    }
-}
-
-/// All nodes the kernel currently holds a reference to, by inode number.
-#[derive(Debug, Default)]
-pub struct NodeTable {
-    nodes: DashMap<u64, Arc<Node>>,
-}
-
-impl NodeTable {
-    /// Inserts the root node, which is never forgotten.
-    pub fn insert_root(&self, node: Node) {
-        self.nodes.insert(ROOT_INO, Arc::new(node));
-    }
-
-    /// The node with inode number `ino`, if the kernel holds it.
-    pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
-        self.nodes.get(&ino).map(|n| n.clone())
-    }
-
-    /// Returns the node for `ino`, creating it with `make` if absent, and counts one lookup.
-    /// Both happen under the shard lock so that a racing `forget` cannot drop the node
-    /// between them.
-    pub fn lookup(&self, ino: u64, make: impl FnOnce() -> Node) -> Arc<Node> {
-        match self.nodes.entry(ino) {
-            Entry::Occupied(e) => {
-                e.get().lookups.fetch_add(1, Ordering::Relaxed);
-                e.get().clone()
-            }
-            Entry::Vacant(e) => {
-                let node = Arc::new(make());
-                node.lookups.store(1, Ordering::Relaxed);
-                e.insert(node.clone());
-                node
-            }
-        }
-    }
-
-    /// Drops `n` lookups of `ino`; the node goes away when none remain.
-    pub fn forget(&self, ino: u64, n: u64) {
-        if ino == ROOT_INO {
-            return;
-        }
-        if let Entry::Occupied(e) = self.nodes.entry(ino) {
-            let prev = e.get().lookups.fetch_sub(n, Ordering::Relaxed);
-            if prev <= n {
-                e.remove();
-            }
-        }
-    }
-
-    /// Calls `f` on every held node (for path rewrites after a directory rename).
-    pub fn for_each(&self, mut f: impl FnMut(&Arc<Node>)) {
-        for e in self.nodes.iter() {
-            f(e.value());
-        }
-    }
-
-    /// Number of nodes held (for tests and memory accounting).
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    /// Whether no node is held.
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
     }
 }
 
@@ -401,17 +334,5 @@ mod tests {
         loc.set_real(None);
         assert!(loc.rare.is_none());
         assert_eq!(loc.real_path(), b"a");
-    }
-
-    #[test]
-    fn forget_drops_after_last_lookup() {
-        let t = NodeTable::default();
-        let loc = Location::new(Box::from(&b"a"[..]), 0);
-        t.lookup(7, || Node::new(7, libc::S_IFREG, loc.clone()));
-        t.lookup(7, || unreachable!());
-        t.forget(7, 1);
-        assert!(t.get(7).is_some());
-        t.forget(7, 1);
-        assert!(t.get(7).is_none());
     }
 }

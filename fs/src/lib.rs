@@ -13,6 +13,7 @@ pub mod heap;
 pub mod idmap;
 pub mod inode;
 pub mod layers;
+pub mod nodetable;
 pub mod options;
 pub mod overlay;
 pub mod passthrough;

@@ -22,10 +22,9 @@ use crate::dirmerge::{self, DirEntry};
 use crate::fdcache::DirFdCache;
 use crate::handles::{DirHandle, Handle, HandleTable, OpenFile};
 use crate::idmap::IdMaps;
-use crate::inode::{
-    split_path, DirLayer, InoMapper, Location, LowerData, Node, NodeTable, ROOT_INO,
-};
+use crate::inode::{split_path, DirLayer, InoMapper, Location, LowerData, Node, ROOT_INO};
 use crate::layers::LayerStack;
+use crate::nodetable::NodeTable;
 use crate::statoverride;
 use crate::sys;
 use crate::upper::{Upper, WhiteoutFormat};
