@@ -173,6 +173,7 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
         .map_err(|e| format!("cannot block signals: {e}"))?;
     // Layers may hold many directories; use every descriptor we are allowed.
     raise_nofile_limit();
+    crate::heap::one_arena();
     // Modes of new files come from the kernel with the caller's umask already applied.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
 
@@ -242,6 +243,7 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
 /// `mount(2)` and `fd=N`), until that mount goes away. For callers that mount in a namespace
 /// of their own, such as the `strata` runner.
 pub fn serve_fd(ov: Arc<Overlay>, fd: OwnedFd) -> std::io::Result<()> {
+    crate::heap::one_arena();
     let mut config = Config::default();
     config.n_threads = Some(WORKER_THREADS);
     config.clone_fd = true;

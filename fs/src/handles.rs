@@ -65,8 +65,8 @@ impl HandleTable {
         self.map.get(&fh).map(|h| h.clone())
     }
 
-    /// Drops the handle numbered `fh`.
-    pub fn remove(&self, fh: u64) {
-        self.map.remove(&fh);
+    /// Takes the handle numbered `fh` out of the table.
+    pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
+        self.map.remove(&fh).map(|(_, h)| h)
     }
 }

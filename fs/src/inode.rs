@@ -9,7 +9,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use parking_lot::RwLock;
 
@@ -95,24 +94,32 @@ impl DirLayer {
 }
 
 /// Where a node's object lives. Mutable because copy-up and rename move objects.
+///
+/// Every cached inode has one, so the parts most objects lack are kept behind one optional
+/// box (see [`Rare`]): a plain file or symlink costs the path and a word.
 #[derive(Debug, Clone)]
 pub struct Location {
     /// Path relative to the layer roots, without leading slash; empty for the root.
     pub path: Box<[u8]>,
     /// The layer holding the object (for a directory, its topmost copy).
     pub layer: u16,
-    /// The object's path in `layer` when it differs from `path` (a lower object below a
-    /// renamed directory).
-    pub real: Option<Box<[u8]>>,
-    /// For directories: every layer's copy that merges into it, top first, ending at the
-    /// first opaque one.
-    pub dir: Option<Box<[DirLayer]>>,
-    /// For a metadata-only upper copy: where its data still lives.
-    pub data: Option<LowerData>,
-    /// An `O_PATH` descriptor on the (upper) object, set when `path` stopped naming it (the
-    /// name was unlinked or replaced while the kernel still holds the node: an open file, or
-    /// a hard link reached by another name). The object is then reached through it.
-    pub pinned: Option<Arc<std::os::fd::OwnedFd>>,
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a [`Location`] that most objects lack. `None` in [`Location`] when all are
+/// empty.
+#[derive(Debug, Clone, Default)]
+struct Rare {
+    real: Option<Box<[u8]>>,
+    dir: Option<Box<[DirLayer]>>,
+    data: Option<LowerData>,
+    pinned: Option<Arc<std::os::fd::OwnedFd>>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.real.is_none() && self.dir.is_none() && self.data.is_none() && self.pinned.is_none()
+    }
 }
 
 /// The lower file that holds the data of a metadata-only upper copy.
@@ -133,6 +140,98 @@ pub fn split_path(path: &[u8]) -> (&[u8], &[u8]) {
 }
 
 impl Location {
+    /// An object at `path` in `layer`, reached by that path, neither a directory nor
+    /// metadata-only; the `with_*` and `set_*` methods add the rest.
+    pub fn new(path: Box<[u8]>, layer: u16) -> Location {
+        Location {
+            path,
+            layer,
+            rare: None,
+        }
+    }
+
+    /// This location with [`real`](Self::real) set to `real`.
+    pub fn with_real(mut self, real: Option<Box<[u8]>>) -> Location {
+        self.set_real(real);
+        self
+    }
+
+    /// This location with [`dir`](Self::dir) set to `dir`.
+    pub fn with_dir(mut self, dir: Option<Box<[DirLayer]>>) -> Location {
+        self.set_dir(dir);
+        self
+    }
+
+    /// This location with [`data`](Self::data) set to `data`.
+    pub fn with_data(mut self, data: Option<LowerData>) -> Location {
+        self.set_data(data);
+        self
+    }
+
+    /// The object's path in `layer` when it differs from `path` (a lower object below a
+    /// renamed directory, or an index entry's name).
+    pub fn real(&self) -> Option<&[u8]> {
+        self.rare.as_ref()?.real.as_deref()
+    }
+
+    /// For directories: every layer's copy that merges into it, top first, ending at the
+    /// first opaque one.
+    pub fn dir(&self) -> Option<&[DirLayer]> {
+        self.rare.as_ref()?.dir.as_deref()
+    }
+
+    /// For a metadata-only upper copy: where its data still lives.
+    pub fn data(&self) -> Option<&LowerData> {
+        self.rare.as_ref()?.data.as_ref()
+    }
+
+    /// An `O_PATH` descriptor on the (upper) object, set when `path` stopped naming it (the
+    /// name was unlinked or replaced while the kernel still holds the node: an open file, or
+    /// a hard link reached by another name). The object is then reached through it.
+    pub fn pinned(&self) -> Option<&Arc<std::os::fd::OwnedFd>> {
+        self.rare.as_ref()?.pinned.as_ref()
+    }
+
+    /// Sets [`real`](Self::real).
+    pub fn set_real(&mut self, real: Option<Box<[u8]>>) {
+        self.update(|r| r.real = real);
+    }
+
+    /// Sets [`dir`](Self::dir).
+    pub fn set_dir(&mut self, dir: Option<Box<[DirLayer]>>) {
+        self.update(|r| r.dir = dir);
+    }
+
+    /// Sets [`data`](Self::data).
+    pub fn set_data(&mut self, data: Option<LowerData>) {
+        self.update(|r| r.data = data);
+    }
+
+    /// Sets [`pinned`](Self::pinned).
+    pub fn set_pinned(&mut self, pinned: Option<Arc<std::os::fd::OwnedFd>>) {
+        self.update(|r| r.pinned = pinned);
+    }
+
+    /// Changes the rare parts, allocating them only when something is set and freeing them
+    /// when nothing is left.
+    fn update(&mut self, f: impl FnOnce(&mut Rare)) {
+        match &mut self.rare {
+            Some(r) => {
+                f(r);
+                if r.is_empty() {
+                    self.rare = None;
+                }
+            }
+            None => {
+                let mut r = Rare::default();
+                f(&mut r);
+                if !r.is_empty() {
+                    self.rare = Some(Box::new(r));
+                }
+            }
+        }
+    }
+
     /// The merged parent path and the final name; the root has neither.
     pub fn split(&self) -> (&[u8], &[u8]) {
         split_path(&self.path)
@@ -140,7 +239,7 @@ impl Location {
 
     /// The object's path in its layer.
     pub fn real_path(&self) -> &[u8] {
-        self.real.as_deref().unwrap_or(&self.path)
+        self.real().unwrap_or(&self.path)
     }
 
     /// The parent path and name of the object in its layer.
@@ -150,12 +249,12 @@ impl Location {
 
     /// The layer that reads of the object's data go to.
     pub fn data_layer(&self) -> u16 {
-        self.data.as_ref().map_or(self.layer, |d| d.layer)
+        self.data().map_or(self.layer, |d| d.layer)
     }
 
     /// Whether more than one layer contributes to this directory.
     pub fn is_merged_dir(&self) -> bool {
-        self.dir.as_ref().is_some_and(|d| d.len() > 1)
+        self.dir().is_some_and(|d| d.len() > 1)
     }
 }
 
@@ -166,7 +265,7 @@ pub struct Node {
     pub ino: u64,
     /// File type bits (`S_IFMT` part of the mode).
     pub kind: u32,
-    lookups: AtomicU64,
+    pub(crate) lookups: AtomicU64,
     /// Where it lives.
     pub loc: RwLock<Location>,
     /// Serialises copy-up of this node (and changes of its location).
@@ -200,72 +299,6 @@ impl Node {
     }
 }
 
-/// All nodes the kernel currently holds a reference to, by inode number.
-#[derive(Debug, Default)]
-pub struct NodeTable {
-    nodes: DashMap<u64, Arc<Node>>,
-}
-
-impl NodeTable {
-    /// Inserts the root node, which is never forgotten.
-    pub fn insert_root(&self, node: Node) {
-        self.nodes.insert(ROOT_INO, Arc::new(node));
-    }
-
-    /// The node with inode number `ino`, if the kernel holds it.
-    pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
-        self.nodes.get(&ino).map(|n| n.clone())
-    }
-
-    /// Returns the node for `ino`, creating it with `make` if absent, and counts one lookup.
-    /// Both happen under the shard lock so that a racing `forget` cannot drop the node
-    /// between them.
-    pub fn lookup(&self, ino: u64, make: impl FnOnce() -> Node) -> Arc<Node> {
-        match self.nodes.entry(ino) {
-            Entry::Occupied(e) => {
-                e.get().lookups.fetch_add(1, Ordering::Relaxed);
-                e.get().clone()
-            }
-            Entry::Vacant(e) => {
-                let node = Arc::new(make());
-                node.lookups.store(1, Ordering::Relaxed);
-                e.insert(node.clone());
-                node
-            }
-        }
-    }
-
-    /// Drops `n` lookups of `ino`; the node goes away when none remain.
-    pub fn forget(&self, ino: u64, n: u64) {
-        if ino == ROOT_INO {
-            return;
-        }
-        if let Entry::Occupied(e) = self.nodes.entry(ino) {
-            let prev = e.get().lookups.fetch_sub(n, Ordering::Relaxed);
-            if prev <= n {
-                e.remove();
-            }
-        }
-    }
-
-    /// Calls `f` on every held node (for path rewrites after a directory rename).
-    pub fn for_each(&self, mut f: impl FnMut(&Arc<Node>)) {
-        for e in self.nodes.iter() {
-            f(e.value());
-        }
-    }
-
-    /// Number of nodes held (for tests and memory accounting).
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    /// Whether no node is held.
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,21 +316,23 @@ mod tests {
     }
 
     #[test]
-    fn forget_drops_after_last_lookup() {
-        let t = NodeTable::default();
-        let loc = Location {
-            path: Box::from(&b"a"[..]),
-            layer: 0,
-            real: None,
-            dir: None,
-            data: None,
-            pinned: None,
-        };
-        t.lookup(7, || Node::new(7, libc::S_IFREG, loc.clone()));
-        t.lookup(7, || unreachable!());
-        t.forget(7, 1);
-        assert!(t.get(7).is_some());
-        t.forget(7, 1);
-        assert!(t.get(7).is_none());
+    fn nodes_stay_small() {
+        // One per cached inode: 72 bytes plus the Arc's counts is a 96-byte malloc chunk.
+        assert!(
+            std::mem::size_of::<Node>() <= 72,
+            "{}",
+            std::mem::size_of::<Node>()
+        );
+    }
+
+    #[test]
+    fn rare_parts_are_freed_when_emptied() {
+        let mut loc = Location::new(Box::from(&b"a"[..]), 1).with_real(None);
+        assert!(loc.rare.is_none());
+        loc.set_real(Some(Box::from(&b"b"[..])));
+        assert_eq!(loc.real_path(), b"b");
+        loc.set_real(None);
+        assert!(loc.rare.is_none());
+        assert_eq!(loc.real_path(), b"a");
     }
 }

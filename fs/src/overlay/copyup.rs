@@ -29,7 +29,7 @@ impl Overlay {
     /// Makes sure `node`'s object, data included, is in the upper layer.
     pub(super) fn copy_up(&self, node: &Node) -> OvlResult<()> {
         let upper = self.upper()?;
-        let done = |l: &Location| l.layer == 0 && l.data.is_none();
+        let done = |l: &Location| l.layer == 0 && l.data().is_none();
         if done(&node.loc.read()) {
             return Ok(());
         }
@@ -41,7 +41,7 @@ impl Overlay {
     }
 
     fn copy_up_locked(&self, upper: &Upper, node: &Node) -> OvlResult<()> {
-        let done = |l: &Location| l.layer == 0 && l.data.is_none();
+        let done = |l: &Location| l.layer == 0 && l.data().is_none();
         let _guard = node.copy_lock.lock();
         let loc = node.loc.read().clone();
         if done(&loc) {
@@ -49,7 +49,7 @@ impl Overlay {
         }
         if loc.layer == 0 {
             self.copy_up_data(upper, &loc)?;
-            node.loc.write().data = None;
+            node.loc.write().set_data(None);
             return Ok(());
         }
         let (parent, name) = loc.split();
@@ -78,11 +78,11 @@ impl Overlay {
         }
         let mut l = node.loc.write();
         l.layer = 0;
-        l.real = None;
-        if let Some(dirs) = &l.dir {
+        l.set_real(None);
+        if let Some(dirs) = l.dir() {
             let mut v: Vec<DirLayer> = dirs.to_vec();
             v.insert(0, DirLayer::at_merged(0, false));
-            l.dir = Some(v.into());
+            l.set_dir(Some(v.into()));
         }
         Ok(())
     }
@@ -132,8 +132,8 @@ impl Overlay {
         let data = self.lower_data(pfd.as_fd(), &cname, &mut ust);
         let mut l = node.loc.write();
         l.layer = 0;
-        l.real = None;
-        l.data = data;
+        l.set_real(None);
+        l.set_data(data);
         Ok(())
     }
 
@@ -141,7 +141,7 @@ impl Overlay {
     /// everything else from the upper copy) is built in the work directory and replaces it
     /// atomically, so a crash leaves the metadata-only copy, never a partial file.
     fn copy_up_data(&self, upper: &Upper, loc: &Location) -> OvlResult<()> {
-        let Some(data) = &loc.data else {
+        let Some(data) = loc.data() else {
             return Ok(());
         };
         let (dparent, dname) = split_path(&data.path);
@@ -209,7 +209,7 @@ impl Overlay {
         let mut l = held.loc.write();
         if l.layer != 0 && l.layer != INDEX_LAYER {
             l.layer = INDEX_LAYER;
-            l.real = Some(Box::from(key.to_bytes()));
+            l.set_real(Some(Box::from(key.to_bytes())));
         }
     }
 
@@ -263,10 +263,10 @@ impl Overlay {
             let mut l = node.loc.write();
             if l.layer != 0 {
                 l.layer = 0;
-                l.real = None;
-                let mut v: Vec<DirLayer> = l.dir.as_deref().unwrap_or_default().to_vec();
+                l.set_real(None);
+                let mut v: Vec<DirLayer> = l.dir().unwrap_or_default().to_vec();
                 v.insert(0, DirLayer::at_merged(0, false));
-                l.dir = Some(v.into());
+                l.set_dir(Some(v.into()));
             }
         }
         drop(_guard);

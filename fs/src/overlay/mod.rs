@@ -22,10 +22,9 @@ use crate::dirmerge::{self, DirEntry};
 use crate::fdcache::DirFdCache;
 use crate::handles::{DirHandle, Handle, HandleTable, OpenFile};
 use crate::idmap::IdMaps;
-use crate::inode::{
-    split_path, DirLayer, InoMapper, Location, LowerData, Node, NodeTable, ROOT_INO,
-};
+use crate::inode::{split_path, DirLayer, InoMapper, Location, LowerData, Node, ROOT_INO};
 use crate::layers::LayerStack;
+use crate::nodetable::NodeTable;
 use crate::statoverride;
 use crate::sys;
 use crate::upper::{Upper, WhiteoutFormat};
@@ -36,6 +35,13 @@ pub type OvlResult<T> = Result<T, i32>;
 
 /// Directory descriptors kept open at most; the rest are reopened on demand.
 const DIR_FD_CACHE: usize = 1024;
+
+/// Listings of at least this many entries give their memory back to the system when their
+/// handle closes. Such a listing (about 70 bytes an entry with its names) is made while the
+/// kernel's nodes for its entries are allocated, so once freed it is a hole below them that
+/// the heap cannot shrink past: after a walk of a 20k-entry directory that stayed ~1 MiB of
+/// resident free memory.
+const TRIM_AFTER_LISTING: usize = 4096;
 
 /// Lower files at least this large get a metadata-only copy-up for metadata changes;
 /// smaller ones are cheaper to copy whole than to copy twice.
@@ -167,14 +173,7 @@ impl Overlay {
         ov.nodes.insert_root(Node::new(
             ROOT_INO,
             libc::S_IFDIR,
-            Location {
-                path: Box::default(),
-                layer: 0,
-                real: None,
-                dir: Some(dirs.into()),
-                data: None,
-                pinned: None,
-            },
+            Location::new(Box::default(), 0).with_dir(Some(dirs.into())),
         ));
         Ok(ov)
     }
@@ -313,7 +312,7 @@ impl Overlay {
         if whiteout::is_marker_name(name) {
             return Ok(None);
         }
-        let dirs = ploc.dir.as_ref().ok_or(libc::ENOTDIR)?;
+        let dirs = ploc.dir().ok_or(libc::ENOTDIR)?;
         let cname = sys::cstring(name)?;
         let child_path = join(&ploc.path, name);
 
@@ -558,25 +557,25 @@ impl Overlay {
         let is_dir = r.is_dir();
         let merged_dir = r.merged.len() > 1;
         let ino = r.ino;
-        let layer = r.layer;
-        let merged = r.merged;
-        let real = r.real;
-        let loc = Location {
-            path: join(parent_path, name),
-            layer,
-            real,
-            dir: is_dir.then(|| merged.into()),
-            data: r.data,
-            pinned: None,
-        };
+        let loc = Location::new(join(parent_path, name), r.layer)
+            .with_real(r.real)
+            .with_dir(is_dir.then(|| r.merged.into()))
+            .with_data(r.data);
         let mut st = r.st;
         self.apply_override(&loc, &mut st);
-        let node = self.nodes.lookup(ino, || Node::new(ino, kind, loc.clone()));
+        // Moved into a new node rather than copied: a walk makes one node per entry, and a
+        // copy would leave a freed path behind each.
+        let mut fresh = Some(loc);
+        let node = self.nodes.lookup(ino, || {
+            Node::new(ino, kind, fresh.take().expect("made once"))
+        });
         // The latest name wins: a hard link reached by another name, or an object moved in a
         // way we did not see, is found where it is now.
-        if node.loc.read().path != loc.path {
-            let _guard = node.copy_lock.lock();
-            *node.loc.write() = loc;
+        if let Some(loc) = fresh {
+            if node.loc.read().path != loc.path {
+                let _guard = node.copy_lock.lock();
+                *node.loc.write() = loc;
+            }
         }
         self.attr(st, ino, merged_dir)
     }
@@ -606,7 +605,7 @@ impl Overlay {
         let mut st = sys::stat_at(dir.as_fd(), &name)?;
         self.fix_nlink(loc.layer, dir.as_fd(), &name, &mut st);
         self.apply_override(loc, &mut st);
-        if let Some(d) = &loc.data {
+        if let Some(d) = loc.data() {
             let (parent, name) = split_path(&d.path);
             if let Ok(dfd) = self.layer_dir(d.layer, parent) {
                 if let Ok(lst) = sys::stat_at(dfd.as_fd(), &sys::cstring(name)?) {
@@ -639,10 +638,10 @@ impl Overlay {
 
     /// A descriptor on the object itself (`O_PATH` unless `flags` asks for more).
     fn open_object(&self, loc: &Location, flags: i32) -> OvlResult<OwnedFd> {
-        if let Some(fd) = &loc.pinned {
+        if let Some(fd) = loc.pinned() {
             return sys::reopen_at(fd.as_fd(), c"", flags);
         }
-        if loc.dir.is_some() && flags == libc::O_PATH {
+        if loc.dir().is_some() && flags == libc::O_PATH {
             let fd = self.layer_dir(loc.layer, loc.real_path())?;
             return sys::dup(fd.as_fd());
         }
@@ -660,7 +659,7 @@ impl Overlay {
 
     /// Opens `loc`'s object for reading its data.
     fn open_for_read(&self, loc: &Location, flags: i32) -> OvlResult<OwnedFd> {
-        match &loc.data {
+        match loc.data() {
             Some(d) => self.open_data(d, flags),
             None => self.open_object(loc, flags),
         }
@@ -770,14 +769,28 @@ fn read_full(file: &File, offset: u64, size: u32) -> OvlResult<Vec<u8>> {
 impl Overlay {
     /// Closes handle `fh` (file or directory).
     pub fn release(&self, fh: u64) {
-        self.handles.remove(fh);
+        let Some(h) = self.handles.remove(fh) else {
+            return;
+        };
+        let big = match h.as_ref() {
+            Handle::Dir(d) => d
+                .listing
+                .lock()
+                .as_ref()
+                .is_some_and(|(_, l)| l.len() >= TRIM_AFTER_LISTING),
+            Handle::File(_) => false,
+        };
+        drop(h);
+        if big {
+            crate::heap::trim();
+        }
     }
 
     /// Opens directory `ino`. Its merged listing is made when the handle is first read, and
     /// again after the directory changed (see [`dir_entries_at`](Self::dir_entries_at)).
     pub fn opendir(&self, ino: u64) -> OvlResult<u64> {
         let node = self.node(ino)?;
-        if node.loc.read().dir.is_none() {
+        if node.loc.read().dir().is_none() {
             return Err(libc::ENOTDIR);
         }
         Ok(self.handles.insert(Handle::Dir(DirHandle {
@@ -791,7 +804,7 @@ impl Overlay {
     fn listing(&self, ino: u64) -> OvlResult<Arc<[DirEntry]>> {
         let node = self.node(ino)?;
         let loc = node.loc.read().clone();
-        let dirs = loc.dir.as_ref().ok_or(libc::ENOTDIR)?;
+        let dirs = loc.dir().ok_or(libc::ENOTDIR)?;
         let mut entries = Vec::with_capacity(2);
         let parent_ino = if ino == ROOT_INO {
             ROOT_INO
@@ -912,9 +925,9 @@ impl Overlay {
     /// The directory descriptor and name through which the `*at` calls reach `loc`'s object
     /// (a directory, or a pinned object, is reached as itself, with an empty name).
     fn object_at(&self, loc: &Location) -> OvlResult<(Arc<OwnedFd>, std::ffi::CString)> {
-        if let Some(fd) = &loc.pinned {
+        if let Some(fd) = loc.pinned() {
             Ok((fd.clone(), std::ffi::CString::default()))
-        } else if loc.dir.is_some() {
+        } else if loc.dir().is_some() {
             Ok((
                 self.layer_dir(loc.layer, loc.real_path())?,
                 std::ffi::CString::default(),

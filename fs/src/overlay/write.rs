@@ -73,7 +73,7 @@ impl Overlay {
     fn parent_loc(&self, parent: u64) -> OvlResult<Location> {
         let p = self.node(parent)?;
         let loc = p.loc.read().clone();
-        if loc.dir.is_none() {
+        if loc.dir().is_none() {
             return Err(libc::ENOTDIR);
         }
         Ok(loc)
@@ -98,7 +98,7 @@ impl Overlay {
     /// removing the name must leave a whiteout.
     fn lower_has(&self, ploc: &Location, name: &[u8]) -> OvlResult<bool> {
         let cname = sys::cstring(name)?;
-        for dl in ploc.dir.as_deref().unwrap_or_default() {
+        for dl in ploc.dir().unwrap_or_default() {
             if dl.layer == 0 {
                 continue;
             }
@@ -333,7 +333,7 @@ impl Overlay {
         let cname = sys::cstring(name)?;
         let mut st = self.changing(&[(newparent, name)], || {
             upper.remove_whiteout(pfd.as_fd(), name)?;
-            match &loc.pinned {
+            match loc.pinned() {
                 Some(fd) => sys::link_fd(fd.as_fd(), pfd.as_fd(), &cname)?,
                 None => {
                     let (sparent, sname) = loc.split();
@@ -489,11 +489,11 @@ impl Overlay {
         };
         let _guard = node.copy_lock.lock();
         let mut loc = node.loc.write();
-        if *loc.path != *path || loc.layer != 0 || loc.pinned.is_some() {
+        if *loc.path != *path || loc.layer != 0 || loc.pinned().is_some() {
             return;
         }
         if let Ok(fd) = sys::open_child(dir, name, libc::O_PATH) {
-            loc.pinned = Some(Arc::new(fd));
+            loc.set_pinned(Some(Arc::new(fd)));
         }
     }
 
@@ -668,14 +668,10 @@ impl Overlay {
         Arc::new(Node::new(
             r.ino,
             r.st.st_mode & libc::S_IFMT,
-            Location {
-                path: Box::from(path),
-                layer: r.layer,
-                real: r.real.clone(),
-                dir: r.is_dir().then(|| r.merged.clone().into()),
-                data: r.data.clone(),
-                pinned: None,
-            },
+            Location::new(Box::from(path), r.layer)
+                .with_real(r.real.clone())
+                .with_dir(r.is_dir().then(|| r.merged.clone().into()))
+                .with_data(r.data.clone()),
         ))
     }
 
@@ -943,10 +939,10 @@ impl Overlay {
 /// Before a node's merged path changes from `was`: record that its lower parts stay at their
 /// current paths.
 fn pin_lower_paths(l: &mut Location, was: &[u8]) {
-    if l.layer != 0 && l.real.is_none() {
-        l.real = Some(Box::from(was));
+    if l.layer != 0 && l.real().is_none() {
+        l.set_real(Some(Box::from(was)));
     }
-    if let Some(dirs) = &l.dir {
+    if let Some(dirs) = l.dir() {
         let pinned: Vec<DirLayer> = dirs
             .iter()
             .map(|d| {
@@ -957,6 +953,6 @@ fn pin_lower_paths(l: &mut Location, was: &[u8]) {
                 d
             })
             .collect();
-        l.dir = Some(pinned.into());
+        l.set_dir(Some(pinned.into()));
     }
 }
