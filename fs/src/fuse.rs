@@ -16,6 +16,7 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
+use crate::dirmerge::DirEntry;
 use crate::overlay::{Attr, Creator, Inval, Overlay, SetAttr, SetTime};
 use crate::passthrough::{IoModes, OpenMode};
 use crate::stats::{Op, RequestStats};
@@ -167,6 +168,21 @@ impl StrataFuse {
     fn count(&self, op: Op) {
         if let Some(s) = &self.stats {
             s.bump(op);
+        }
+    }
+
+    /// The listing a read of directory `ino` at cookie `offset` answers from: the handle's,
+    /// or with none (handle 0: opened without asking us), the directory's.
+    fn listing(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+    ) -> Result<(Arc<[DirEntry]>, usize), i32> {
+        if fh.0 == 0 {
+            self.ov.dir_entries_of(ino.0, offset)
+        } else {
+            self.ov.dir_entries_at(fh.0, offset)
         }
     }
 
@@ -513,19 +529,19 @@ impl Filesystem for StrataFuse {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.count(Op::Opendir);
-        // The kernel may keep the listing in its page cache and serve later opens from it
-        // when the overlay is exact: a listing changes only through requests on the
+        // When the overlay is exact, a listing changes only through requests on the
         // directory (create, mknod, mkdir, symlink, link, unlink, rmdir, rename), after
-        // which the kernel bumps the directory's i_version and so drops the cache at the
-        // next read from the start, or with a notification from us (Overlay::caches_exact).
-        // KEEP_CACHE: older kernels drop a directory's pages at every open without it.
-        let flags = if self.ov.caches_exact() {
-            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
-        };
+        // which the kernel bumps the directory's i_version and so drops its cached listing
+        // at the next read from the start, or with a notification from us
+        // (Overlay::caches_exact). Then no open needs us: ENOSYS makes the kernel open
+        // every directory by itself from now on, with CACHE_DIR and KEEP_CACHE, and send
+        // neither OPENDIR nor RELEASEDIR (two round trips per directory of a walk, most of
+        // a warm walk's time); reads come without a handle.
+        if self.ov.caches_exact() {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.ov.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), flags),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -533,13 +549,13 @@ impl Filesystem for StrataFuse {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         self.count(Op::Readdir);
-        let (entries, start) = match self.ov.dir_entries_at(fh.0, offset) {
+        let (entries, start) = match self.listing(ino, fh, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
@@ -562,7 +578,7 @@ impl Filesystem for StrataFuse {
         mut reply: ReplyDirectoryPlus,
     ) {
         self.count(Op::Readdirplus);
-        let (entries, start) = match self.ov.dir_entries_at(fh.0, offset) {
+        let (entries, start) = match self.listing(ino, fh, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };

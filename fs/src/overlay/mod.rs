@@ -43,6 +43,16 @@ const DIR_FD_CACHE: usize = 1024;
 /// resident free memory.
 const TRIM_AFTER_LISTING: usize = 4096;
 
+/// A directory's listing with the [`Node::listing_gen`] from before it was made.
+type KeptListing = (u64, Arc<[DirEntry]>);
+
+/// Directories whose listings are kept between handle-less reads: as many as may be read at
+/// once (one per worker and then some); each goes when read to its end.
+const OPEN_LISTINGS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(16) {
+    Some(n) => n,
+    None => unreachable!(),
+};
+
 /// Lower files at least this large get a metadata-only copy-up for metadata changes;
 /// smaller ones are cheaper to copy whole than to copy twice.
 pub(crate) const METACOPY_MIN: i64 = 64 * 1024;
@@ -81,6 +91,9 @@ pub struct Overlay {
     inos: InoMapper,
     dirfds: DirFdCache,
     handles: HandleTable,
+    /// Listings being read without a handle (see [`dir_entries_of`](Self::dir_entries_of)),
+    /// by directory, with the [`Node::listing_gen`] from before each was made.
+    open_listings: parking_lot::Mutex<lru::LruCache<u64, KeptListing>>,
     upper: Option<Upper>,
     read_only: bool,
     ids: IdMaps,
@@ -155,6 +168,7 @@ impl Overlay {
             inos,
             dirfds: DirFdCache::new(DIR_FD_CACHE),
             handles: HandleTable::default(),
+            open_listings: parking_lot::Mutex::new(lru::LruCache::new(OPEN_LISTINGS)),
             upper,
             read_only: opts.read_only,
             hides_override,
@@ -871,6 +885,40 @@ impl Overlay {
             }
         };
         let start = l.partition_point(|e| e.off <= offset);
+        Ok((l, start))
+    }
+
+    /// Like [`dir_entries_at`](Self::dir_entries_at) for a read of directory `ino` without
+    /// a handle: the kernel opens directories without asking when the overlay is exact (see
+    /// `opendir` in the FUSE adapter), reads each listing once into its cache, in blocks
+    /// from cookie `offset` on, and asks again only after the directory changed.
+    ///
+    /// The listing is kept from the first block to the read that finds its end, so that a
+    /// big directory is merged once, not once per block.
+    pub fn dir_entries_of(&self, ino: u64, offset: u64) -> OvlResult<(Arc<[DirEntry]>, usize)> {
+        let node = self.node(ino)?;
+        let gen = node.listing_gen.load(Ordering::Acquire);
+        let kept = self
+            .open_listings
+            .lock()
+            .get(&ino)
+            .filter(|(made, _)| *made == gen)
+            .map(|(_, l)| l.clone());
+        let l = match kept {
+            Some(l) => l,
+            None => {
+                let l = self.listing(ino)?;
+                self.open_listings.lock().put(ino, (gen, l.clone()));
+                l
+            }
+        };
+        let start = l.partition_point(|e| e.off <= offset);
+        if start >= l.len() {
+            let done = self.open_listings.lock().pop(&ino);
+            if done.is_some_and(|(_, l)| l.len() >= TRIM_AFTER_LISTING) {
+                crate::heap::trim();
+            }
+        }
         Ok((l, start))
     }
 
