@@ -60,12 +60,7 @@ impl Upper {
         workdir: BorrowedFd<'_>,
         forced: Option<WhiteoutFormat>,
     ) -> SysResult<Upper> {
-        clear_child(workdir, WORK_SUBDIR)?;
-        // SAFETY: valid fd and C string.
-        if unsafe { libc::mkdirat(workdir.as_raw_fd(), WORK_SUBDIR.as_ptr(), 0o700) } < 0 {
-            return Err(sys::last_errno());
-        }
-        let work = sys::open_child(workdir, WORK_SUBDIR, libc::O_PATH | libc::O_DIRECTORY)?;
+        let work = fresh_work_dir(workdir)?;
         let whiteout = match forced {
             Some(WhiteoutFormat::CharDev)
                 if probe_chardev(work.as_fd()) != WhiteoutFormat::CharDev =>
@@ -299,6 +294,27 @@ impl Upper {
     }
 }
 
+/// `workdir/work`, empty: what a crash left in it is removed. An existing directory is
+/// kept, so that a mount costs no directory removal and creation (journal work that a busy
+/// filesystem makes slow).
+fn fresh_work_dir(workdir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
+    if let Ok(st) = sys::stat_at(workdir, WORK_SUBDIR) {
+        if (st.st_mode & libc::S_IFMT) == libc::S_IFDIR {
+            let work = sys::open_child(workdir, WORK_SUBDIR, libc::O_PATH | libc::O_DIRECTORY)?;
+            for e in sys::read_dir(work.as_fd())? {
+                clear_child(work.as_fd(), &sys::cstring(&e.name)?)?;
+            }
+            return Ok(work);
+        }
+    }
+    clear_child(workdir, WORK_SUBDIR)?;
+    // SAFETY: valid fd and C string.
+    if unsafe { libc::mkdirat(workdir.as_raw_fd(), WORK_SUBDIR.as_ptr(), 0o700) } < 0 {
+        return Err(sys::last_errno());
+    }
+    sys::open_child(workdir, WORK_SUBDIR, libc::O_PATH | libc::O_DIRECTORY)
+}
+
 /// Removes `name` in `dir` and everything below it, never following symlinks.
 pub fn clear_child(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {
     let st = match sys::stat_at(dir, name) {
@@ -329,19 +345,17 @@ fn probe_chardev(work: BorrowedFd<'_>) -> WhiteoutFormat {
     }
 }
 
+/// Which namespace can hold the overlay's xattrs, tried on the work directory itself (no
+/// file to create and delete).
 fn probe_xattr_ns(work: BorrowedFd<'_>, _upper: BorrowedFd<'_>) -> XattrNs {
-    let name = c"probe-xattr";
-    let Ok(fd) = sys::create_child(work, name, libc::O_WRONLY, 0o600) else {
-        return XattrNs::None;
-    };
-    drop(fd);
-    let ns = if sys::set_xattr_at(work, name, c"trusted.overlay.probe", b"1", 0).is_ok() {
-        XattrNs::Trusted
-    } else if sys::set_xattr_at(work, name, c"user.overlay.probe", b"1", 0).is_ok() {
-        XattrNs::User
-    } else {
-        XattrNs::None
-    };
-    let _ = sys::unlink_at(work, name, 0);
-    ns
+    for (ns, xname) in [
+        (XattrNs::Trusted, c"trusted.overlay.probe"),
+        (XattrNs::User, c"user.overlay.probe"),
+    ] {
+        if sys::set_xattr_at(work, c"", xname, b"1", 0).is_ok() {
+            let _ = sys::remove_xattr_at(work, c"", xname);
+            return ns;
+        }
+    }
+    XattrNs::None
 }
