@@ -202,7 +202,8 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
     let mountpoint = cfg.mountpoint.clone();
     let session = Session::new(
         StrataFuse::new(ov.clone(), cfg.fuse.max_write, !cfg.fuse.no_passthrough)
-            .with_stats(stats.clone()),
+            .with_stats(stats.clone())
+            .exiting_when_done(),
         &mountpoint,
         &fuse_config(cfg, writable),
     )

@@ -127,6 +127,8 @@ pub struct StrataFuse {
     ov: Arc<Overlay>,
     max_write: Option<u32>,
     stats: Option<Arc<RequestStats>>,
+    /// End the process when the session ends (see [`Self::exiting_when_done`]).
+    exit_when_done: bool,
     ttl: Ttls,
     /// Whether to ask the kernel for FUSE passthrough.
     want_passthrough: bool,
@@ -142,9 +144,20 @@ impl StrataFuse {
             ov,
             max_write,
             stats: None,
+            exit_when_done: false,
             want_passthrough: passthrough,
             io: IoModes::new(false),
         }
+    }
+
+    /// Ends the process as soon as the session is over, before fuser would unmount the
+    /// mountpoint by path. fuser 0.18 tries that even when the kernel already unmounted us
+    /// (its `is_mounted` takes the dead connection's POLLERR for "mounted"), and by then the
+    /// path may hold a new mount: `umount M; stratafs ... M` lost the second mount whenever
+    /// the old daemon got there last. For a process that is only the daemon.
+    pub fn exiting_when_done(mut self) -> StrataFuse {
+        self.exit_when_done = true;
+        self
     }
 
     /// Counts requests in `stats` (see [`crate::stats`]).
@@ -287,6 +300,11 @@ impl Filesystem for StrataFuse {
     fn destroy(&mut self) {
         if let Some(s) = &self.stats {
             s.dump("unmount");
+        }
+        if self.exit_when_done {
+            // Every write was answered after it reached its layer: nothing is left to do.
+            // SAFETY: _exit ends the process without running anything else.
+            unsafe { libc::_exit(0) };
         }
     }
 

@@ -310,6 +310,23 @@ impl MountGuard {
         self.pids.iter().all(|p| !pid_alive(*p))
     }
 
+    /// For a mount unmounted by hand whose path may already hold another mount: waits
+    /// (bounded) for the daemon alone to exit (killing it if it lingers) and gives the guard
+    /// up without touching the path. True when the daemon exited by itself in time.
+    pub fn forget_unmounted(mut self, limit: Duration) -> bool {
+        self.watchdog = None;
+        let gone = wait_for(limit, || self.daemons_gone());
+        if !gone {
+            for p in &self.pids {
+                signal(*p, libc::SIGKILL);
+            }
+        }
+        self.reap_child();
+        // Drop would unmount by path, which is no longer this guard's mount.
+        std::mem::forget(self);
+        gone
+    }
+
     /// Waits (bounded) until the mount has vanished and the daemon has exited.
     pub fn wait_gone(&mut self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;

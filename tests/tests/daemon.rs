@@ -126,6 +126,39 @@ fn ends_daemon(how: &str) {
     assert!(names(&mnt).is_empty(), "mountpoint not empty after {how}");
 }
 
+/// A daemon that ends after a new mount took its path must leave that mount alone (fuser
+/// unmounts by path when its session ends). Made certain with a lazy unmount (as Podman
+/// does) while a file is open: the old filesystem lives on until the file is closed, and
+/// its daemon ends only then, with the new mount already on the path.
+#[test]
+fn remount_on_same_path_survives_old_daemon_exit() {
+    let sc = Scratch::new();
+    let st = stack(&sc);
+    let mnt = sc.mkdir("mnt");
+    let mut old = st.mount(&mnt);
+    let mut old_pid = old.daemon_pid();
+    for round in 0..3 {
+        let held = fs::File::open(mnt.join("top.txt")).unwrap();
+        run(Command::new("umount").arg("-l").arg(&mnt)).expect_success();
+        let new = st.mount(&mnt);
+        // Found by mount path, so the new guard lists the old daemon too.
+        let new_pid = *new.pids().iter().find(|&&p| p != old_pid).unwrap();
+        assert!(pid_alive(old_pid), "round {round}: old daemon ended early");
+        drop(held);
+        assert!(
+            old.forget_unmounted(GONE),
+            "round {round}: old daemon {old_pid} still there"
+        );
+        assert!(
+            is_mounted(&mnt),
+            "round {round}: the new mount was unmounted when the old daemon {old_pid} ended"
+        );
+        assert_basic_view(&mnt);
+        old = new;
+        old_pid = new_pid;
+    }
+}
+
 #[test]
 fn umount_ends_daemon() {
     ends_daemon("umount");
