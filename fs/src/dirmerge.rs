@@ -7,6 +7,7 @@
 //! lookup exactly, so that lookup and readdir always agree.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::BorrowedFd;
 
 use crate::inode::{DirLayer, InoMapper};
@@ -71,16 +72,20 @@ where
     F: FnMut(&DirLayer) -> SysResult<(std::sync::Arc<std::os::fd::OwnedFd>, u64)>,
 {
     let mut out: Vec<DirEntry> = Vec::new();
-    let mut seen: HashSet<Box<[u8]>> = HashSet::new();
-    let mut hidden: HashSet<Box<[u8]>> = HashSet::new();
-    for dl in layers {
+    let mut seen: NameSet = NameSet::default();
+    let mut hidden: NameSet = NameSet::default();
+    for (i, dl) in layers.iter().enumerate() {
         let (fd, dev) = match open(dl) {
             Ok(x) => x,
             Err(libc::ENOENT) | Err(libc::ENOTDIR) => continue,
             Err(e) => return Err(e),
         };
+        // Names of the bottom layer need not be remembered: no layer below can repeat them.
+        let last = i + 1 == layers.len();
+        let number = inos.for_dev(dev);
         let dir = std::os::fd::AsFd::as_fd(fd.as_ref());
         let raw = sys::read_dir(dir)?;
+        out.reserve(raw.len());
         let mut whiteouts: Vec<Box<[u8]>> = Vec::new();
         for e in raw {
             if e.name.as_ref() == whiteout::OCI_OPAQUE {
@@ -97,9 +102,11 @@ where
                 whiteouts.push(e.name.clone());
                 continue;
             };
-            seen.insert(e.name.clone());
+            if !last {
+                seen.insert(e.name.clone());
+            }
             out.push(DirEntry {
-                ino: inos.ino(dev, e.ino),
+                ino: number(e.ino),
                 name: e.name,
                 kind,
                 off: 0,
@@ -108,6 +115,34 @@ where
         hidden.extend(whiteouts);
     }
     Ok(out)
+}
+
+/// A set of names hashed eight bytes at a time: listings hash every name of every layer,
+/// and SipHash's resistance to chosen collisions buys nothing against names a layer holds.
+type NameSet = HashSet<Box<[u8]>, BuildHasherDefault<NameHasher>>;
+
+/// Multiply-rotate hashing (as rustc's FxHasher) over whole words.
+#[derive(Default)]
+struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+        }
+        let mut tail = [0u8; 8];
+        let rest = chunks.remainder();
+        tail[..rest.len()].copy_from_slice(rest);
+        self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(tail) ^ (rest.len() as u64) << 59)
+            .wrapping_mul(K);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The entry's file type, or `None` when the entry is a whiteout.

@@ -52,6 +52,19 @@ impl InoMapper {
             .or_insert_with(|| OVERFLOW_BASE + self.next_overflow.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// Numbering for the objects of one device: [`ino`](Self::ino) with the device's slot
+    /// found once, for callers that number many objects of one layer (listings).
+    pub fn for_dev(&self, dev: u64) -> impl Fn(u64) -> u64 + '_ {
+        let slot = self.slot(dev);
+        move |ino| {
+            if ino <= LOW_MASK && slot < 0xFFFE {
+                ((slot + 1) << SLOT_SHIFT) | ino
+            } else {
+                self.ino(dev, ino)
+            }
+        }
+    }
+
     fn slot(&self, dev: u64) -> u64 {
         if let Some(i) = self.slots.read().iter().position(|&d| d == dev) {
             return i as u64;
