@@ -300,6 +300,15 @@ impl Upper {
 fn fresh_work_dir(workdir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
     if let Ok(st) = sys::stat_at(workdir, WORK_SUBDIR) {
         if (st.st_mode & libc::S_IFMT) == libc::S_IFDIR {
+            // Kernel overlayfs leaves it mode 000, which only root could work in.
+            if st.st_mode & 0o7777 != 0o700 {
+                // SAFETY: valid fd and C string.
+                if unsafe { libc::fchmodat(workdir.as_raw_fd(), WORK_SUBDIR.as_ptr(), 0o700, 0) }
+                    < 0
+                {
+                    return Err(sys::last_errno());
+                }
+            }
             let work = sys::open_child(workdir, WORK_SUBDIR, libc::O_PATH | libc::O_DIRECTORY)?;
             for e in sys::read_dir(work.as_fd())? {
                 clear_child(work.as_fd(), &sys::cstring(&e.name)?)?;
