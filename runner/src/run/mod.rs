@@ -101,6 +101,16 @@ extern "C" fn forward_to_server(sig: libc::c_int) {
     }
 }
 
+/// Whether this process ignores `sig`.
+fn ignored(sig: Signal) -> bool {
+    // SAFETY: a query (no new action) into a zeroed struct.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig as libc::c_int, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 fn run_checked(args: RunArgs) -> Result<i32> {
     let spec = Spec::from_args(args)?;
     // SAFETY: plain getter.
@@ -116,6 +126,11 @@ fn run_checked(args: RunArgs) -> Result<i32> {
         SigSet::empty(),
     );
     for s in init::FORWARDED {
+        // A signal the caller ignores (nohup's SIGHUP) stays ignored, here and, through
+        // fork and exec, in the command, as for any other child of the caller.
+        if ignored(s) {
+            continue;
+        }
         // SAFETY: the handler only calls kill.
         unsafe { sigaction(s, &handler) }?;
     }
