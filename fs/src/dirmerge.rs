@@ -141,7 +141,14 @@ impl Hasher for NameHasher {
     }
 
     fn finish(&self) -> u64 {
-        self.0
+        // The multiplications leave the low bits depending only on the low bytes of each
+        // word, and the table indexes by the low bits: names that differ only in their
+        // eighth byte ("f0000001", "f0000002") would all share a bucket. Fold the high
+        // bits down (murmur3's finalizer).
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^ (h >> 33)
     }
 }
 
