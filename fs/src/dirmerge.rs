@@ -7,9 +7,9 @@
 //! lookup exactly, so that lookup and readdir always agree.
 
 use std::collections::HashSet;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::BorrowedFd;
 
+use crate::fasthash::BuildFoldHasher;
 use crate::inode::{DirLayer, InoMapper};
 use crate::sys::{self, SysResult};
 use crate::whiteout;
@@ -117,40 +117,8 @@ where
     Ok(out)
 }
 
-/// A set of names hashed eight bytes at a time: listings hash every name of every layer,
-/// and SipHash's resistance to chosen collisions buys nothing against names a layer holds.
-type NameSet = HashSet<Box<[u8]>, BuildHasherDefault<NameHasher>>;
-
-/// Multiply-rotate hashing (as rustc's FxHasher) over whole words.
-#[derive(Default)]
-struct NameHasher(u64);
-
-impl Hasher for NameHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x517c_c1b7_2722_0a95;
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
-        }
-        let mut tail = [0u8; 8];
-        let rest = chunks.remainder();
-        tail[..rest.len()].copy_from_slice(rest);
-        self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(tail) ^ (rest.len() as u64) << 59)
-            .wrapping_mul(K);
-    }
-
-    fn finish(&self) -> u64 {
-        // The multiplications leave the low bits depending only on the low bytes of each
-        // word, and the table indexes by the low bits: names that differ only in their
-        // eighth byte ("f0000001", "f0000002") would all share a bucket. Fold the high
-        // bits down (murmur3's finalizer).
-        let mut h = self.0;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^ (h >> 33)
-    }
-}
+/// Names already listed or hidden, by the daemon's fast hasher.
+type NameSet = HashSet<Box<[u8]>, BuildFoldHasher>;
 
 /// The entry's file type, or `None` when the entry is a whiteout.
 fn entry_kind(

@@ -42,7 +42,17 @@ impl InoMapper {
 
     /// Our inode number for the object `(dev, ino)`.
     pub fn ino(&self, dev: u64, ino: u64) -> u64 {
+        self.numbered(self.slot(dev), dev, ino)
+    }
+
+    /// Numbering for the objects of one device: [`ino`](Self::ino) with the device's slot
+    /// found once, for callers that number many objects of one layer (listings).
+    pub fn for_dev(&self, dev: u64) -> impl Fn(u64) -> u64 + '_ {
         let slot = self.slot(dev);
+        move |ino| self.numbered(slot, dev, ino)
+    }
+
+    fn numbered(&self, slot: u64, dev: u64, ino: u64) -> u64 {
         if ino <= LOW_MASK && slot < 0xFFFE {
             return ((slot + 1) << SLOT_SHIFT) | ino;
         }
@@ -50,19 +60,6 @@ impl InoMapper {
             .overflow
             .entry((dev, ino))
             .or_insert_with(|| OVERFLOW_BASE + self.next_overflow.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Numbering for the objects of one device: [`ino`](Self::ino) with the device's slot
-    /// found once, for callers that number many objects of one layer (listings).
-    pub fn for_dev(&self, dev: u64) -> impl Fn(u64) -> u64 + '_ {
-        let slot = self.slot(dev);
-        move |ino| {
-            if ino <= LOW_MASK && slot < 0xFFFE {
-                ((slot + 1) << SLOT_SHIFT) | ino
-            } else {
-                self.ino(dev, ino)
-            }
-        }
     }
 
     fn slot(&self, dev: u64) -> u64 {

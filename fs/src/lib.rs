@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod dirmerge;
+pub mod fasthash;
 pub mod fdcache;
 pub mod fuse;
 pub mod handles;

@@ -6,12 +6,13 @@
 
 use std::borrow::Borrow;
 use std::collections::HashSet;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 
+use crate::fasthash::{BuildFoldHasher, FoldHasher};
 use crate::inode::{Node, ROOT_INO};
 
 /// Shards, so that lookups on different workers rarely wait for each other.
@@ -41,31 +42,7 @@ impl PartialEq for Held {
 
 impl Eq for Held {}
 
-/// Hashes an inode number by a folded multiply: fast, and every bit of the result depends
-/// on every bit of the number (ours keep the layer in the top bits and the real inode
-/// number, often sequential, in the low ones). Not for keys an attacker picks: inode numbers
-/// come from the layers' filesystems.
-#[derive(Debug, Default)]
-struct InoHasher(u64);
-
-impl Hasher for InoHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        let m = u128::from(self.0 ^ n) * 0x9E37_79B9_7F4A_7C15;
-        self.0 = (m as u64) ^ ((m >> 64) as u64);
-    }
-}
-
-type Shard = RwLock<HashSet<Held, BuildHasherDefault<InoHasher>>>;
+type Shard = RwLock<HashSet<Held, BuildFoldHasher>>;
 
 /// All nodes the kernel currently holds a reference to, by inode number.
 #[derive(Debug)]
@@ -83,7 +60,7 @@ impl Default for NodeTable {
 
 impl NodeTable {
     fn shard(&self, ino: u64) -> &Shard {
-        let mut h = InoHasher::default();
+        let mut h = FoldHasher::default();
         h.write_u64(ino);
         // Bits the shard's own table does not use: neither its bucket index (low bits) nor
         // its tag byte (top seven).
