@@ -39,11 +39,14 @@ pub enum Handle {
 pub struct DirHandle {
     /// The directory.
     pub node: Arc<Node>,
-    /// The listing, ordered by position cookie, with the directory's listing generation
-    /// ([`Node::listing_gen`]) from before it was made: it is current while that has not
-    /// changed.
-    pub listing: parking_lot::Mutex<Option<(u64, Arc<[DirEntry]>)>>,
+    /// The listing, once read.
+    pub listing: parking_lot::Mutex<Option<KeptListing>>,
 }
+
+/// A directory's listing, ordered by position cookie, with the directory's listing
+/// generation ([`Node::listing_gen`]) from before it was made: it is current while that has
+/// not changed.
+pub type KeptListing = (u64, Arc<[DirEntry]>);
 
 /// All open handles, by number.
 #[derive(Debug, Default)]

@@ -300,27 +300,17 @@ impl Upper {
 fn fresh_work_dir(workdir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
     if let Ok(st) = sys::stat_at(workdir, WORK_SUBDIR) {
         if (st.st_mode & libc::S_IFMT) == libc::S_IFDIR {
+            let work = sys::open_child(workdir, WORK_SUBDIR, libc::O_PATH | libc::O_DIRECTORY)?;
             // Kernel overlayfs leaves it mode 000, which only root could work in.
             if st.st_mode & 0o7777 != 0o700 {
-                // SAFETY: valid fd and C string.
-                if unsafe { libc::fchmodat(workdir.as_raw_fd(), WORK_SUBDIR.as_ptr(), 0o700, 0) }
-                    < 0
-                {
-                    return Err(sys::last_errno());
-                }
+                sys::chmod_at(work.as_fd(), c"", 0o700)?;
             }
-            let work = sys::open_child(workdir, WORK_SUBDIR, libc::O_PATH | libc::O_DIRECTORY)?;
-            for e in sys::read_dir(work.as_fd())? {
-                clear_child(work.as_fd(), &sys::cstring(&e.name)?)?;
-            }
+            clear_contents(work.as_fd())?;
             return Ok(work);
         }
     }
     clear_child(workdir, WORK_SUBDIR)?;
-    // SAFETY: valid fd and C string.
-    if unsafe { libc::mkdirat(workdir.as_raw_fd(), WORK_SUBDIR.as_ptr(), 0o700) } < 0 {
-        return Err(sys::last_errno());
-    }
+    sys::mkdir_at(workdir, WORK_SUBDIR, 0o700)?;
     sys::open_child(workdir, WORK_SUBDIR, libc::O_PATH | libc::O_DIRECTORY)
 }
 
@@ -333,13 +323,19 @@ pub fn clear_child(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {
     };
     if (st.st_mode & libc::S_IFMT) == libc::S_IFDIR {
         let child = sys::open_child(dir, name, libc::O_PATH | libc::O_DIRECTORY)?;
-        for e in sys::read_dir(child.as_fd())? {
-            clear_child(child.as_fd(), &sys::cstring(&e.name)?)?;
-        }
+        clear_contents(child.as_fd())?;
         sys::unlink_at(dir, name, libc::AT_REMOVEDIR)
     } else {
         sys::unlink_at(dir, name, 0)
     }
+}
+
+/// Removes everything inside directory `dir`, never following symlinks.
+fn clear_contents(dir: BorrowedFd<'_>) -> SysResult<()> {
+    for e in sys::read_dir(dir)? {
+        clear_child(dir, &sys::cstring(&e.name)?)?;
+    }
+    Ok(())
 }
 
 fn probe_chardev(work: BorrowedFd<'_>) -> WhiteoutFormat {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use crate::dirmerge::{self, DirEntry};
 use crate::fdcache::DirFdCache;
-use crate::handles::{DirHandle, Handle, HandleTable, OpenFile};
+use crate::handles::{DirHandle, Handle, HandleTable, KeptListing, OpenFile};
 use crate::idmap::IdMaps;
 use crate::inode::{split_path, DirLayer, InoMapper, Location, LowerData, Node, ROOT_INO};
 use crate::layers::LayerStack;
@@ -43,15 +43,27 @@ const DIR_FD_CACHE: usize = 1024;
 /// resident free memory.
 const TRIM_AFTER_LISTING: usize = 4096;
 
-/// A directory's listing with the [`Node::listing_gen`] from before it was made.
-type KeptListing = (u64, Arc<[DirEntry]>);
-
 /// Directories whose listings are kept between handle-less reads: as many as may be read at
 /// once (one per worker and then some); each goes when read to its end.
 const OPEN_LISTINGS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(16) {
     Some(n) => n,
     None => unreachable!(),
 };
+
+/// The index in listing `l` of the first entry a read from position cookie `offset` returns.
+fn entries_after(l: &[DirEntry], offset: u64) -> usize {
+    l.partition_point(|e| e.off <= offset)
+}
+
+/// Drops a listing no longer kept, giving a big one's memory back to the system (see
+/// [`TRIM_AFTER_LISTING`]).
+fn let_go(l: Arc<[DirEntry]>) {
+    let big = l.len() >= TRIM_AFTER_LISTING;
+    drop(l);
+    if big {
+        crate::heap::trim();
+    }
+}
 
 /// Lower files at least this large get a metadata-only copy-up for metadata changes;
 /// smaller ones are cheaper to copy whole than to copy twice.
@@ -786,17 +798,10 @@ impl Overlay {
         let Some(h) = self.handles.remove(fh) else {
             return;
         };
-        let big = match h.as_ref() {
-            Handle::Dir(d) => d
-                .listing
-                .lock()
-                .as_ref()
-                .is_some_and(|(_, l)| l.len() >= TRIM_AFTER_LISTING),
-            Handle::File(_) => false,
-        };
-        drop(h);
-        if big {
-            crate::heap::trim();
+        if let Handle::Dir(d) = h.as_ref() {
+            if let Some((_, l)) = d.listing.lock().take() {
+                let_go(l);
+            }
         }
     }
 
@@ -874,17 +879,12 @@ impl Overlay {
         let Handle::Dir(d) = h.as_ref() else {
             return Err(libc::ENOTDIR);
         };
-        let gen = d.node.listing_gen.load(Ordering::Acquire);
-        let mut cached = d.listing.lock();
-        let l = match cached.as_ref() {
-            Some((made, l)) if *made == gen => l.clone(),
-            _ => {
-                let l = self.listing(d.node.ino)?;
-                *cached = Some((gen, l.clone()));
-                l
-            }
-        };
-        let start = l.partition_point(|e| e.off <= offset);
+        let mut kept = d.listing.lock();
+        let (l, renewed) = self.listing_now(&d.node, kept.as_ref())?;
+        if renewed.is_some() {
+            *kept = renewed;
+        }
+        let start = entries_after(&l, offset);
         Ok((l, start))
     }
 
@@ -897,29 +897,35 @@ impl Overlay {
     /// big directory is merged once, not once per block.
     pub fn dir_entries_of(&self, ino: u64, offset: u64) -> OvlResult<(Arc<[DirEntry]>, usize)> {
         let node = self.node(ino)?;
-        let gen = node.listing_gen.load(Ordering::Acquire);
-        let kept = self
-            .open_listings
-            .lock()
-            .get(&ino)
-            .filter(|(made, _)| *made == gen)
-            .map(|(_, l)| l.clone());
-        let l = match kept {
-            Some(l) => l,
-            None => {
-                let l = self.listing(ino)?;
-                self.open_listings.lock().put(ino, (gen, l.clone()));
-                l
-            }
-        };
-        let start = l.partition_point(|e| e.off <= offset);
+        let kept = self.open_listings.lock().get(&ino).cloned();
+        let (l, renewed) = self.listing_now(&node, kept.as_ref())?;
+        if let Some(k) = renewed {
+            self.open_listings.lock().put(ino, k);
+        }
+        let start = entries_after(&l, offset);
         if start >= l.len() {
-            let done = self.open_listings.lock().pop(&ino);
-            if done.is_some_and(|(_, l)| l.len() >= TRIM_AFTER_LISTING) {
-                crate::heap::trim();
+            if let Some((_, done)) = self.open_listings.lock().pop(&ino) {
+                let_go(done);
             }
         }
         Ok((l, start))
+    }
+
+    /// The listing of directory `node` as it is now: `kept` while the directory has not
+    /// changed since it was made, else a new one, returned a second time as what to keep.
+    fn listing_now(
+        &self,
+        node: &Node,
+        kept: Option<&KeptListing>,
+    ) -> OvlResult<(Arc<[DirEntry]>, Option<KeptListing>)> {
+        let gen = node.listing_gen.load(Ordering::Acquire);
+        match kept {
+            Some((made, l)) if *made == gen => Ok((l.clone(), None)),
+            _ => {
+                let l = self.listing(node.ino)?;
+                Ok((l.clone(), Some((gen, l))))
+            }
+        }
     }
 
     /// The listing behind directory handle `fh`, "." and ".." included.
