@@ -1,9 +1,7 @@
 //! The implementations under test, finding their binaries, mounting them, and a guard that
 //! always unmounts.
 
-use std::ffi::OsString;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
@@ -296,38 +294,12 @@ fn find(kind: Kind) -> Result<Implementation> {
     }
 }
 
-/// Mount points listed in `/proc/self/mountinfo` (unescaped).
+pub use strata_tests::mount::is_mounted;
+use strata_tests::mount::{mountinfo, pids_with_arg};
+
+/// Mount points of this process's namespace, in mount order.
 pub fn mount_points() -> Vec<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape(m)))
-        .collect()
-}
-
-fn unescape(s: &str) -> OsString {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    std::ffi::OsStr::from_bytes(&out).to_os_string()
-}
-
-/// Whether something is mounted at `p`.
-pub fn is_mounted(p: &Path) -> bool {
-    mount_points().iter().any(|m| m == p)
+    mountinfo().into_iter().map(|m| m.mountpoint).collect()
 }
 
 /// Unmounts whatever a previous, killed run left mounted below `scratch` (only there).
@@ -357,30 +329,7 @@ fn sys_kill(pid: i32, sig: i32) {
 /// Processes other than this one whose command line has `mnt` as an argument: the daemon
 /// serving a FUSE mount (the launcher has exited by the time this is asked).
 pub fn daemon_pids(mnt: &Path) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let want = mnt.as_os_str().as_bytes();
-    let mut pids = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let is_ours = cmdline
-            .split(|b| *b == 0)
-            .any(|a| a == want || a.strip_suffix(b"/") == Some(want));
-        if is_ours && sys::pid_alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
+    pids_with_arg(mnt)
 }
 
 /// Directories of one mount: layers come from the stack, the rest is fresh per session.

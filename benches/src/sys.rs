@@ -146,24 +146,7 @@ pub fn drop_caches() -> Result<()> {
     fs::write("/proc/sys/vm/drop_caches", "3\n").context("write /proc/sys/vm/drop_caches")
 }
 
-/// Whether the effective user is root.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid(2) has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Whether `pid` exists and is not a zombie.
-pub fn pid_alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(s) => {
-            let state = s
-                .rsplit_once(')')
-                .and_then(|(_, r)| r.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-    }
-}
+pub use strata_tests::mount::{is_root, pid_alive};
 
 /// User plus system CPU time of process `pid` (all its threads) in seconds.
 pub fn cpu_secs(pid: i32) -> Option<f64> {

@@ -124,50 +124,60 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
+/// Live processes other than this one with `arg` (or `arg/`) among their arguments, such as
+/// the daemon serving a mount at `arg`.
+pub fn pids_with_arg(arg: &Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let want = arg.as_os_str().as_bytes();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                cmdline
+                    .split(|b| *b == 0)
+                    .any(|a| a == want || a.strip_suffix(b"/") == Some(want))
+            })
+        })
+        .filter(|&pid| pid_alive(pid))
+        .collect()
+}
+
+/// The names process `pid` goes by: the file name of its `argv[0]` and of its executable
+/// (without the " (deleted)" of a replaced binary).
+pub fn program_names(pid: i32) -> Vec<OsString> {
+    let mut names = Vec::new();
+    if let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) {
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        names.extend(
+            Path::new(OsStr::from_bytes(argv0))
+                .file_name()
+                .map(OsStr::to_os_string),
+        );
+    }
+    if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
+        let name = exe.file_name().map(OsStr::as_bytes).unwrap_or_default();
+        let name = name.strip_suffix(b" (deleted)").unwrap_or(name);
+        names.push(OsStr::from_bytes(name).to_os_string());
+    }
+    names
+}
+
 /// Processes (other than this one) running a program named `stratafs*` (or named like
 /// `$STRATAFS_BIN`) with `mnt` as one of its arguments: the daemon serving a mount.
 pub fn daemon_pids(mnt: &Path) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let want = mnt.as_os_str().as_bytes();
     // A binary under test given by $STRATAFS_BIN may have another name.
     let other_name: Option<OsString> = std::env::var_os("STRATAFS_BIN")
         .and_then(|p| Path::new(&p).file_name().map(|n| n.to_os_string()));
-    let mut pids = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if !args
-            .iter()
-            .any(|a| *a == want || a.strip_suffix(b"/") == Some(want))
-        {
-            continue;
-        }
-        let named =
-            |n: &OsStr| n.as_bytes().starts_with(b"stratafs") || Some(n) == other_name.as_deref();
-        let argv0 = Path::new(OsStr::from_bytes(args[0]))
-            .file_name()
-            .map(named)
-            .unwrap_or(false);
-        let exe = fs::read_link(format!("/proc/{pid}/exe"))
-            .ok()
-            .and_then(|p| p.file_name().map(named))
-            .unwrap_or(false);
-        if (argv0 || exe) && pid_alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
+    let named =
+        |n: &OsString| n.as_bytes().starts_with(b"stratafs") || Some(n) == other_name.as_ref();
+    pids_with_arg(mnt)
+        .into_iter()
+        .filter(|&pid| program_names(pid).iter().any(named))
+        .collect()
 }
 
 /// Sends `sig` to `pid`.

@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use strata_tests::mount::{is_mounted, mountinfo, pid_alive};
+use strata_tests::mount::{is_mounted, mountinfo, pid_alive, pids_with_arg, program_names};
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -1605,44 +1605,13 @@ fn mountpoints() -> Vec<PathBuf> {
 /// The stratafs daemon(s) serving `mnt`: processes named like the binary with `mnt` among
 /// their arguments.
 fn find_daemons(mnt: &Path, bin: &Path) -> Vec<i32> {
-    let want = mnt.as_os_str().as_bytes();
-    let bin_name = bin
-        .file_name()
-        .map(|n| n.as_bytes().to_vec())
-        .unwrap_or_default();
-    let me = std::process::id() as i32;
-    let mut pids = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return pids;
+    let Some(bin_name) = bin.file_name() else {
+        return Vec::new();
     };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if !args.contains(&want) {
-            continue;
-        }
-        let argv0 = Path::new(std::ffi::OsStr::from_bytes(args[0]))
-            .file_name()
-            .map(|n| n.as_bytes().to_vec())
-            .unwrap_or_default();
-        let exe = fs::read_link(format!("/proc/{pid}/exe"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.as_bytes().to_vec()))
-            .unwrap_or_default();
-        let exe = exe.strip_suffix(b" (deleted)").unwrap_or(&exe).to_vec();
-        if (argv0 == bin_name || exe == bin_name) && pid_alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
+    pids_with_arg(mnt)
+        .into_iter()
+        .filter(|&pid| program_names(pid).iter().any(|n| n == bin_name))
+        .collect()
 }
 
 /// Owns one mount; unmounts it (lazily when dropped) with bounded waits, and makes sure the
