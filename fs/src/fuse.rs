@@ -199,14 +199,25 @@ impl StrataFuse {
         }
     }
 
-    fn open_flags(mode: &OpenMode) -> FopenFlags {
-        match mode {
+    /// How the kernel is to treat an open with flags `flags` answered in `mode`.
+    fn open_flags(mode: &OpenMode, flags: i32) -> FopenFlags {
+        let cached = match mode {
             // Layer contents change only through this mount, so cached pages stay valid
             // unless writes bypassed the cache since.
             OpenMode::Cached { keep_cache: true } => FopenFlags::FOPEN_KEEP_CACHE,
-            OpenMode::Cached { keep_cache: false } | OpenMode::Passthrough(_) => {
-                FopenFlags::empty()
-            }
+            OpenMode::Cached { keep_cache: false } => FopenFlags::empty(),
+            OpenMode::Passthrough(_) => return FopenFlags::empty(),
+        };
+        if flags & libc::O_ACCMODE == libc::O_WRONLY {
+            // Without passthrough (rootless), cached writes go through the kernel's page
+            // cache for this inode on their way to us, and then into the upper layer's:
+            // every byte lands in two caches. A write-only open can neither read nor map
+            // the file, so its writes may go straight to us (the kernel still drops cached
+            // pages they overwrite, for other opens). Writing 1 GiB rootless in the bench:
+            // 224 -> 427 MB/s (the kernel overlay: 445).
+            cached | FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            cached
         }
     }
 }
@@ -462,9 +473,9 @@ impl Filesystem for StrataFuse {
         );
         match &mode {
             OpenMode::Passthrough(b) => {
-                reply.opened_passthrough(FileHandle(fh), Self::open_flags(&mode), b)
+                reply.opened_passthrough(FileHandle(fh), Self::open_flags(&mode, flags.0), b)
             }
-            _ => reply.opened(FileHandle(fh), Self::open_flags(&mode)),
+            _ => reply.opened(FileHandle(fh), Self::open_flags(&mode, flags.0)),
         }
     }
 
@@ -764,7 +775,7 @@ impl Filesystem for StrataFuse {
             || self.ov.passthrough_file(fh),
             |fd| reply.open_backing(fd),
         );
-        let flags = Self::open_flags(&mode);
+        let flags = Self::open_flags(&mode, flags);
         match &mode {
             OpenMode::Passthrough(b) => reply.created_passthrough(
                 &self.ttl.entry,

@@ -15,6 +15,8 @@
 //! - `STRATA_DIFF_SELFCHECK=1` mount kernel overlayfs on both sides (comparator sanity check)
 //! - `STRATA_DIFF_KINDS=a,b` only generate these operation kinds (see `KINDS`)
 //! - `STRATA_DIFF_TRACE=1`   print every operation with both results
+//! - `STRATA_DIFF_OPTS=a,b`   more `-o` options for stratafs (e.g. `nopassthrough`, to check
+//!   the paths served without FUSE passthrough)
 //! - `STRATA_DIFF_KEEP=1`    keep the (unmounted) scratch directory `/tmp/strata-diff-*`
 //! - `STRATA_DIFF_REPORT=K`  how many divergences to print in full, default 20
 //! - `STRATA_DIFF_TREE_EVERY=K` while no divergence has been seen, compare the full trees
@@ -2105,13 +2107,17 @@ impl Side {
     fn mount(&mut self) -> Result<(), String> {
         let mnt = self.mnt();
         let [l1, l2] = self.lowers();
-        let opts = format!(
+        let mut opts = format!(
             "lowerdir={}:{},upperdir={},workdir={}",
             l1.display(),
             l2.display(),
             self.dir.join("upper").display(),
             self.dir.join("work").display()
         );
+        if let (Some(more), Some(_)) = (std::env::var_os("STRATA_DIFF_OPTS"), &self.strata) {
+            opts.push(',');
+            opts.push_str(&more.to_string_lossy());
+        }
         let limit = Duration::from_secs(30);
         match &self.strata {
             Some(bin) => {

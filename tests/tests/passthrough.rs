@@ -176,3 +176,93 @@ fn every_name_of_a_lower_hard_link_reads_while_a_writer_is_open() {
     drop(w);
     assert_eq!(fs::read(lower.path("b/g")).unwrap(), b"lowerdata\n");
 }
+
+/// Without passthrough, a write-only open writes around the page cache (every byte would
+/// otherwise land in two caches); readers holding cached pages, through `read` and through
+/// a shared mapping, must still see those writes, before and after the writer closes.
+#[test]
+fn cached_readers_see_writes_of_a_write_only_open() {
+    let sc = Scratch::new();
+    let lower = sc.layer("lower");
+    lower.file("f", "a".repeat(3 * 4096));
+    let up = sc.mkdir("upper");
+    let work = sc.mkdir("work");
+    let mnt = sc.mkdir("mnt");
+    let _g = Strata::new(&[lower.root()])
+        .upper(&up, &work)
+        .opt("nopassthrough")
+        .mount(&mnt);
+    let path = mnt.join("f");
+
+    let reader = File::open(&path).unwrap();
+    assert_eq!(read_at(&reader, 4096, 4), b"aaaa");
+    let map = Mapping::shared(&reader, 3 * 4096);
+    assert_eq!(map.bytes()[4096..4100], *b"aaaa");
+
+    let writer = OpenOptions::new().write(true).open(&path).unwrap();
+    writer.write_all_at(b"WXYZ", 4096).unwrap();
+    assert_eq!(
+        read_at(&reader, 4096, 4),
+        b"WXYZ",
+        "reader kept stale pages"
+    );
+    assert_eq!(
+        map.bytes()[4096..4100],
+        *b"WXYZ",
+        "mapping kept stale pages"
+    );
+
+    // A reader opened while the writer is open, then a write past the old end.
+    let r2 = File::open(&path).unwrap();
+    assert_eq!(read_at(&r2, 4096, 4), b"WXYZ");
+    writer.write_all_at(b"tail", 3 * 4096).unwrap();
+    drop(writer);
+    assert_eq!(read_at(&r2, 3 * 4096, 8), b"tail");
+    assert_eq!(r2.metadata().unwrap().len(), 3 * 4096 + 4);
+    assert_eq!(read_at(&reader, 4094, 6), b"aaWXYZ");
+    drop((map, reader, r2));
+    let on_disk = fs::read(up.join("f")).unwrap();
+    assert_eq!(&on_disk[4096..4100], b"WXYZ");
+    assert_eq!(&on_disk[3 * 4096..], b"tail");
+    assert_eq!(
+        fs::read(lower.path("f")).unwrap(),
+        "a".repeat(3 * 4096).as_bytes()
+    );
+}
+
+/// A read-only shared mapping of a whole file.
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn shared(f: &File, len: usize) -> Mapping {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh mapping of an open file; unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap");
+        Mapping { ptr, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is live and `len` long; the file is not truncated meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `shared` mapped.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
