@@ -99,12 +99,15 @@ fn upper_state(p: &Path, want: &[u8], when: &str) -> UpperState {
     }
 }
 
+/// What `dir` (a work dir) holds besides the shared whiteout that deletions link to, which
+/// the mount creates and keeps there (as kernel overlayfs keeps its own).
 fn entries(dir: &Path) -> Vec<String> {
     match fs::read_dir(dir) {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Vec::new(),
         Err(e) => panic!("read_dir {}: {e}", dir.display()),
         Ok(rd) => rd
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "#whiteout")
             .collect(),
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use strata_tests::fsops::{lremovexattr, statvfs};
@@ -1598,4 +1598,40 @@ fn kernel_written_redirects_are_followed() {
         "stratafs on the kernel's upper",
         &snapshot(g.path()),
     );
+}
+
+/// Deletions name one whiteout inode of the work dir, as kernel overlayfs does (a new inode
+/// per deletion made the upper filesystem's inode allocator the cost of rm -rf); they still
+/// read as whiteouts, and a name created over one is a new object.
+#[test]
+fn whiteouts_share_one_inode() {
+    let sc = Scratch::new();
+    let t = twin(&sc);
+    t.both_ok("rm lower files and a lower dir", |m| {
+        fs::remove_file(m.join("lower.txt"))?;
+        fs::remove_file(m.join("top.txt"))?;
+        fs::remove_file(m.join("dir/b"))?;
+        fs::remove_dir_all(m.join("ldir"))
+    });
+    t.both_ok("recreate over a whiteout", |m| {
+        fs::write(m.join("top.txt"), "new\n")
+    });
+    t.compare_uppers("after deletions");
+    for (side, up) in [("kernel", &t.kernel.upper), ("stratafs", &t.strata.upper)] {
+        let inos: Vec<u64> = ["lower.txt", "dir/b", "ldir"]
+            .iter()
+            .map(|rel| {
+                let md = fs::symlink_metadata(up.join(rel)).unwrap();
+                assert!(
+                    md.file_type().is_char_device() && md.rdev() == 0,
+                    "{side}: {rel}"
+                );
+                md.ino()
+            })
+            .collect();
+        assert!(inos.windows(2).all(|w| w[0] == w[1]), "{side}: {inos:?}");
+        let top = fs::symlink_metadata(up.join("top.txt")).unwrap();
+        assert!(top.is_file() && top.ino() != inos[0], "{side}: top.txt");
+    }
+    t.finish();
 }

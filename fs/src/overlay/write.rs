@@ -406,7 +406,7 @@ impl Overlay {
             WhiteoutFormat::CharDev => {
                 let work = upper.work.as_fd();
                 let tmp = upper.temp_name();
-                sys::mknod_at(work, &tmp, libc::S_IFCHR, 0)?;
+                upper.make_whiteout(work, tmp.to_bytes())?;
                 let r = sys::rename_at(work, &tmp, dir, cname, 0);
                 if r.is_err() {
                     let _ = sys::unlink_at(work, &tmp, 0);
@@ -442,7 +442,7 @@ impl Overlay {
                 self.detach(r.ino, &child_path, pfd.as_fd(), &cname);
                 let tmp = upper.temp_name();
                 if lower && upper.whiteout == WhiteoutFormat::CharDev {
-                    sys::mknod_at(work, &tmp, libc::S_IFCHR, 0)?;
+                    upper.make_whiteout(work, tmp.to_bytes())?;
                     if let Err(e) =
                         sys::rename_at(work, &tmp, pfd.as_fd(), &cname, libc::RENAME_EXCHANGE)
                     {
