@@ -504,13 +504,14 @@ impl Filesystem for StrataFuse {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         self.count(Op::Write);
-        match self.ov.write(fh.0, offset, data) {
+        let kill_suid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.ov.write(fh.0, offset, data, kill_suid) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }

@@ -6,7 +6,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 use strata_tests::*;
 
@@ -265,4 +265,70 @@ impl Drop for Mapping {
         // SAFETY: unmaps what `shared` mapped.
         unsafe { libc::munmap(self.ptr, self.len) };
     }
+}
+
+/// A write by a user without CAP_FSETID drops set-user-ID and set-group-ID (with group
+/// execute), as on kernel overlayfs, whichever way the write reaches the layer: through a
+/// backing file, the kernel's cache (read-write open), or straight to the daemon (write-only
+/// open without passthrough, where the kernel leaves the job to us).
+#[test]
+fn unprivileged_writes_drop_setuid_as_on_the_kernel() {
+    let user = ensure_test_user();
+    let sc = Scratch::new();
+    let lower = sc.layer("lower");
+    lower.file_mode("s", "data\n", 0o6777);
+    let writes = [
+        ("append (write-only)", "printf X >> {}"),
+        ("read-write", "printf Y 1<> {}"),
+    ];
+    for (side, opts) in [
+        ("kernel", None),
+        ("stratafs", Some("")),
+        ("stratafs", Some("nopassthrough")),
+    ] {
+        for (what, script) in writes {
+            let dir = sc.mkdir(&format!("{side}-{}-{}", opts.unwrap_or(""), what.len()));
+            let (up, work, mnt) = (dir.join("u"), dir.join("w"), dir.join("m"));
+            for d in [&up, &work, &mnt] {
+                fs::create_dir(d).unwrap();
+            }
+            let _g = match opts {
+                None => kernel_overlay(
+                    &mnt,
+                    &[lower.root()],
+                    Some((&up, &work)),
+                    &["redirect_dir=on", "index=on"],
+                ),
+                Some(o) => {
+                    let s = Strata::new(&[lower.root()]).upper(&up, &work);
+                    if o.is_empty() {
+                        s.mount(&mnt)
+                    } else {
+                        s.opt(o).mount(&mnt)
+                    }
+                }
+            };
+            let f = mnt.join("s");
+            let out = run_as(
+                &user,
+                &["sh", "-c", &script.replace("{}", f.to_str().unwrap())],
+            );
+            assert!(out.success(), "{side} {opts:?} {what}: {}", out.describe());
+            let mode = fs::metadata(&f).unwrap().mode() & 0o7777;
+            assert_eq!(
+                mode, 0o777,
+                "{side} {opts:?} {what}: mode {mode:o} through the mount"
+            );
+            drop(_g);
+            let mode = fs::metadata(up.join("s")).unwrap().mode() & 0o7777;
+            assert_eq!(
+                mode, 0o777,
+                "{side} {opts:?} {what}: mode {mode:o} in the upper layer"
+            );
+        }
+    }
+    assert_eq!(
+        fs::metadata(lower.path("s")).unwrap().mode() & 0o7777,
+        0o6777
+    );
 }

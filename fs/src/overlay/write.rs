@@ -738,13 +738,45 @@ impl Overlay {
         })))
     }
 
-    /// Writes `data` at `offset` through handle `fh`.
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> OvlResult<u32> {
+    /// Writes `data` at `offset` through handle `fh`; `kill_suid`: the writer lacks
+    /// CAP_FSETID, so the write drops set-user-ID and set-group-ID first.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suid: bool) -> OvlResult<u32> {
+        if kill_suid {
+            self.kill_suid(fh)?;
+        }
         self.with_writable_fd(fh, |file| {
             file.write_all_at(data, offset)
                 .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
         })?;
         Ok(data.len() as u32)
+    }
+
+    /// Clears set-user-ID, and set-group-ID where group execution makes it one, as a write
+    /// by a caller without CAP_FSETID does on any filesystem. The kernel does that itself
+    /// before cached writes, but leaves it to us (FUSE_WRITE_KILL_SUIDGID) for writes that
+    /// bypass its cache; and our own write, as root, would keep the bits.
+    fn kill_suid(&self, fh: u64) -> OvlResult<()> {
+        let h = self.open_file(fh)?;
+        let Handle::File(of) = h.as_ref() else {
+            return Err(libc::EISDIR);
+        };
+        let ino = of.node.ino;
+        let mode = self.getattr(ino)?.st.st_mode & 0o7777;
+        let mut kill = libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            kill |= libc::S_ISGID;
+        }
+        if mode & kill == 0 {
+            return Ok(());
+        }
+        let set = SetAttr {
+            mode: Some(mode & !kill),
+            ..SetAttr::default()
+        };
+        self.setattr(ino, &set, Some(fh))?;
+        // The kernel keeps the mode it cached: this request is a write, not a setattr.
+        self.invalidate(Inval::Attrs(ino));
+        Ok(())
     }
 
     /// Flushes handle `fh` to stable storage.
@@ -836,7 +868,8 @@ impl Overlay {
             return Ok(n);
         }
         let data = self.read(fh_in, off_in, len.min(1 << 24) as u32)?;
-        self.write(fh_out, off_out, &data)
+        // The kernel dropped set-user-ID itself (file_modified) before sending this.
+        self.write(fh_out, off_out, &data, false)
     }
 
     /// Changes attributes of `ino` (through handle `fh` for the size when given).
