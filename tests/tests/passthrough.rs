@@ -287,7 +287,7 @@ fn unprivileged_writes_drop_setuid_as_on_the_kernel() {
         ("stratafs", Some("nopassthrough")),
     ] {
         for (what, script) in writes {
-            let dir = sc.mkdir(&format!("{side}-{}-{}", opts.unwrap_or(""), what.len()));
+            let dir = sc.mkdir(format!("{side}-{}-{}", opts.unwrap_or(""), what.len()));
             let (up, work, mnt) = (dir.join("u"), dir.join("w"), dir.join("m"));
             for d in [&up, &work, &mnt] {
                 fs::create_dir(d).unwrap();
