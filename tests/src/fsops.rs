@@ -310,6 +310,48 @@ pub fn read_via_mmap(path: &Path) -> io::Result<Vec<u8>> {
     }
 }
 
+/// A read-only `MAP_SHARED` mapping of the first `len` bytes of an open file, kept until
+/// dropped: it shows what the page cache holds at each look.
+pub struct SharedMapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl SharedMapping {
+    /// Maps `len` bytes of `f` from offset 0.
+    pub fn new(f: &fs::File, len: usize) -> io::Result<SharedMapping> {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: a fresh mapping of an open file; unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SharedMapping { ptr, len })
+    }
+
+    /// The mapped bytes as they are now.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is live and `len` long; callers do not shrink the file meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for SharedMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `new` mapped.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
 /// `access(path, mode)`.
 pub fn access(path: &Path, mode: i32) -> io::Result<()> {
     let p = cpath(path);

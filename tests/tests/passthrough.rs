@@ -8,6 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 
+use strata_tests::fsops::SharedMapping;
 use strata_tests::*;
 
 fn read_at(f: &File, off: u64, len: usize) -> Vec<u8> {
@@ -196,7 +197,7 @@ fn cached_readers_see_writes_of_a_write_only_open() {
 
     let reader = File::open(&path).unwrap();
     assert_eq!(read_at(&reader, 4096, 4), b"aaaa");
-    let map = Mapping::shared(&reader, 3 * 4096);
+    let map = SharedMapping::new(&reader, 3 * 4096).unwrap();
     assert_eq!(map.bytes()[4096..4100], *b"aaaa");
 
     let writer = OpenOptions::new().write(true).open(&path).unwrap();
@@ -228,43 +229,6 @@ fn cached_readers_see_writes_of_a_write_only_open() {
         fs::read(lower.path("f")).unwrap(),
         "a".repeat(3 * 4096).as_bytes()
     );
-}
-
-/// A read-only shared mapping of a whole file.
-struct Mapping {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Mapping {
-    fn shared(f: &File, len: usize) -> Mapping {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a fresh mapping of an open file; unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap");
-        Mapping { ptr, len }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is live and `len` long; the file is not truncated meanwhile.
-        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps what `shared` mapped.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
 }
 
 /// A write by a user without CAP_FSETID drops set-user-ID and set-group-ID (with group

@@ -760,8 +760,15 @@ impl Overlay {
         let Handle::File(of) = h.as_ref() else {
             return Err(libc::EISDIR);
         };
+        if !of.writable {
+            return Err(libc::EBADF);
+        }
         let ino = of.node.ino;
-        let mode = self.getattr(ino)?.st.st_mode & 0o7777;
+        // The mode as the overlay shows it, from the descriptor this write goes to: every
+        // write of a rootless caller asks for this, so no path lookup.
+        let mut st = sys::stat_fd(of.file.read().1.as_fd())?;
+        self.apply_override(&of.node.loc.read(), &mut st);
+        let mode = st.st_mode & 0o7777;
         let mut kill = libc::S_ISUID;
         if mode & libc::S_IXGRP != 0 {
             kill |= libc::S_ISGID;
