@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use strata_tests::fsops::{read_dir_raw, DirStream};
+use strata_tests::fsops::{drop_caches, read_dir_raw, DirStream};
 use strata_tests::writes::*;
 use strata_tests::*;
 
@@ -154,6 +154,49 @@ fn hard_links_share_what_the_kernel_caches() {
     });
     t.both_ok("unlink h/b", |m| fs::remove_file(m.join("h/b")));
     t.both_ok("stat h/d after unlink", |m| st(&m.join("h/d")));
+    t.finish();
+}
+
+/// Lookups that follow a cold listing of a big directory (stratafs resolves the listing's
+/// names ahead of them in the background) find what is there when they come, also for
+/// names removed, renamed or rewritten after the listing was read.
+#[test]
+fn lookups_after_a_cold_listing_see_later_changes() {
+    let sc = Scratch::new();
+    let t = Twin::new(&sc, 2, |ls| {
+        for i in (0..3000).step_by(7) {
+            ls[0].file(format!("big/f{i:05}"), "top\n");
+        }
+        for i in 0..3000 {
+            ls[1].file(format!("big/f{i:05}"), format!("{i}\n"));
+        }
+    });
+    let seen = t.both_ok("cold listing, changes, then lookups", |m| {
+        let big = m.join("big");
+        drop_caches(3);
+        let mut names: Vec<String> = fs::read_dir(&big)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<io::Result<_>>()?;
+        names.sort();
+        // The first lookups find the layers' caches cold, which starts the lookahead.
+        for n in &names[..20] {
+            st(&big.join(n))?;
+        }
+        for (i, n) in names.iter().enumerate().skip(20) {
+            match i % 10 {
+                0 => fs::remove_file(big.join(n))?,
+                3 => fs::rename(big.join(n), big.join(format!("moved-{n}")))?,
+                6 => fs::write(big.join(n), "rewritten\n")?,
+                _ => {}
+            }
+        }
+        Ok(names
+            .iter()
+            .map(|n| (n.clone(), st(&big.join(n)).map_err(|e| e.raw_os_error())))
+            .collect::<Vec<_>>())
+    });
+    let gone = seen.iter().filter(|(_, r)| r.is_err()).count();
+    assert_eq!(gone, 596, "removed and renamed names are gone");
     t.finish();
 }
 

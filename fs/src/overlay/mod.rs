@@ -6,6 +6,7 @@
 //! holds the operations that change the tree.
 
 mod copyup;
+mod lookahead;
 mod write;
 
 pub use write::{Creator, SetAttr, SetTime};
@@ -106,6 +107,8 @@ pub struct Overlay {
     /// Listings being read without a handle (see [`dir_entries_of`](Self::dir_entries_of)),
     /// by directory, with the [`Node::listing_gen`] from before each was made.
     open_listings: parking_lot::Mutex<lru::LruCache<u64, KeptListing>>,
+    /// Resolves names of a listing ahead of the lookups that follow it.
+    lookahead: lookahead::Lookahead,
     upper: Option<Upper>,
     read_only: bool,
     ids: IdMaps,
@@ -181,6 +184,7 @@ impl Overlay {
             dirfds: DirFdCache::new(DIR_FD_CACHE),
             handles: HandleTable::default(),
             open_listings: parking_lot::Mutex::new(lru::LruCache::new(OPEN_LISTINGS)),
+            lookahead: lookahead::Lookahead::default(),
             upper,
             read_only: opts.read_only,
             hides_override,
@@ -572,7 +576,11 @@ impl Overlay {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> OvlResult<Attr> {
         let pnode = self.node(parent)?;
         let ploc = pnode.loc.read().clone();
-        let r = self.resolve(&ploc, name.as_bytes())?.ok_or(libc::ENOENT)?;
+        let start = std::time::Instant::now();
+        let r = self.resolve(&ploc, name.as_bytes());
+        self.lookahead
+            .looked_up(parent, &ploc, name, start.elapsed());
+        let r = r?.ok_or(libc::ENOENT)?;
         Ok(self.remember(&ploc.path, name.as_bytes(), r))
     }
 
@@ -905,7 +913,7 @@ impl Overlay {
         let start = entries_after(&l, offset);
         if start >= l.len() {
             if let Some((_, done)) = self.open_listings.lock().pop(&ino) {
-                let_go(done);
+                self.lookahead.listed(ino, done);
             }
         }
         Ok((l, start))
