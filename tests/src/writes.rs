@@ -100,6 +100,12 @@ pub fn open_fd(path: &Path, flags: i32) -> io::Result<std::os::fd::OwnedFd> {
     }
 }
 
+/// Appends `data` to `p` through an `O_APPEND` descriptor, returning the count written.
+pub fn append(p: &Path, data: &[u8]) -> io::Result<usize> {
+    let fd = open_fd(p, libc::O_WRONLY | libc::O_APPEND)?;
+    pwrite(&fd, data, 0)
+}
+
 /// `pread(fd, len, off)`, returning the bytes read.
 pub fn pread(fd: &impl std::os::fd::AsRawFd, len: usize, off: i64) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];

@@ -137,7 +137,7 @@ fn hard_links_share_what_the_kernel_caches() {
             .hardlink("h/c", "h/a");
     });
     warm(&t);
-    t.both_ok("append to h/a", |m| append_to(&m.join("h/a"), b"more\n"));
+    t.both_ok("append to h/a", |m| append(&m.join("h/a"), b"more\n"));
     for rel in ["h/a", "h/b", "h/c"] {
         t.both_ok(&format!("stat {rel}"), |m| st(&m.join(rel)));
         t.both_ok(&format!("read {rel}"), |m| fs::read(m.join(rel)));
@@ -343,10 +343,4 @@ fn a_stream_read_across_a_change_leaves_no_stale_listing() {
     t.both_ok("list d after both streams", |m| listing(&m.join("d")));
     t.both_ok("list d once more", |m| listing(&m.join("d")));
     t.finish();
-}
-
-/// Appends `data` to `p` through an `O_APPEND` descriptor.
-fn append_to(p: &Path, data: &[u8]) -> io::Result<usize> {
-    let fd = open_fd(p, libc::O_WRONLY | libc::O_APPEND)?;
-    pwrite(&fd, data, 0)
 }

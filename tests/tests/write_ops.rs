@@ -95,11 +95,6 @@ fn write_at(p: &Path, flags: i32, data: &[u8], off: i64) -> io::Result<usize> {
     pwrite(&fd, data, off)
 }
 
-fn append(p: &Path, data: &[u8]) -> io::Result<usize> {
-    let fd = open_fd(p, libc::O_WRONLY | libc::O_APPEND)?;
-    pwrite(&fd, data, 0)
-}
-
 fn exists(p: &Path) -> bool {
     fs::symlink_metadata(p).is_ok()
 }
