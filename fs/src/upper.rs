@@ -3,7 +3,7 @@
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::sys::{self, SysResult};
 use crate::whiteout;
@@ -47,6 +47,9 @@ pub struct Upper {
     nlink: Option<CString>,
     metacopy: Option<CString>,
     next_tmp: AtomicU64,
+    /// Set once FICLONE into the upper filesystem failed for lack of support, so that later
+    /// copy-ups go straight to copying.
+    pub no_reflink: AtomicBool,
 }
 
 const WORK_SUBDIR: &CStr = c"work";
@@ -99,6 +102,7 @@ impl Upper {
             nlink: None,
             metacopy: None,
             next_tmp: AtomicU64::new(0),
+            no_reflink: AtomicBool::new(false),
         };
         up.origin = up.private_xattr("strata.origin");
         up.redirect = up.private_xattr("redirect");

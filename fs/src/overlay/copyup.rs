@@ -9,6 +9,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{Overlay, OvlResult, INDEX_LAYER, METACOPY_MIN};
@@ -153,14 +154,14 @@ impl Overlay {
             // Pinned: no name to replace, and no other name sees the file; fill it in place.
             let src = sys::open_child(src_dir.as_fd(), &src_name, libc::O_RDONLY)?;
             let dst = sys::reopen_at(dir.as_fd(), &name, libc::O_WRONLY)?;
-            copy_fd_data(src.as_fd(), dst.as_fd(), ust.st_size as u64)?;
+            copy_fd_data(upper, src.as_fd(), dst.as_fd(), &ust)?;
             upper.remove_metacopy(dir.as_fd(), &name)?;
             return sys::set_times_from(dir.as_fd(), &name, &ust);
         }
         let work = upper.work.as_fd();
         let tmp = upper.temp_name();
         let built = (|| {
-            copy_data(src_dir.as_fd(), &src_name, work, &tmp, &ust)?;
+            copy_data(upper, src_dir.as_fd(), &src_name, work, &tmp, &ust)?;
             copy_metadata(dir.as_fd(), &name, work, &tmp, &ust)?;
             if let Some((dev, ino)) = upper.read_origin(dir.as_fd(), &name) {
                 upper.write_origin(work, &tmp, dev, ino);
@@ -336,7 +337,7 @@ impl Overlay {
                         .set_len(st.st_size as u64)
                         .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
                 }
-                libc::S_IFREG => copy_data(src_dir, name, work, &tmp, st)?,
+                libc::S_IFREG => copy_data(upper, src_dir, name, work, &tmp, st)?,
                 libc::S_IFDIR => sys::mkdir_at(work, &tmp, 0o700)?,
                 libc::S_IFLNK => {
                     let target = sys::readlink_at(src_dir, name)?;
@@ -363,15 +364,16 @@ impl Overlay {
             // kernel.
             let parent_st = sys::stat_fd(dst_dir)?;
             match sys::rename_at(work, &tmp, dst_dir, dst_name, libc::RENAME_NOREPLACE) {
-                Ok(()) => sys::set_times_from(dst_dir, c"", &parent_st),
-                Err(libc::EEXIST) => Ok(()),
+                Ok(()) => sys::set_times_from(dst_dir, c"", &parent_st).map(|()| true),
+                Err(libc::EEXIST) => Ok(false),
                 Err(e) => Err(e),
             }
         })();
-        // After a successful rename this finds nothing; after a failure or a lost race it
-        // removes our partial copy.
-        let _ = clear_child(work, &tmp);
-        built
+        // After a failure or a lost race, our partial copy goes.
+        if built != Ok(true) {
+            let _ = clear_child(work, &tmp);
+        }
+        built.map(|_| ())
     }
 }
 
@@ -390,6 +392,7 @@ impl<'a> Source<'a> {
 
 /// Copies a regular file's data, keeping holes.
 fn copy_data(
+    upper: &Upper,
     src_dir: BorrowedFd<'_>,
     name: &CStr,
     work: BorrowedFd<'_>,
@@ -398,36 +401,60 @@ fn copy_data(
 ) -> OvlResult<()> {
     let src = sys::open_child(src_dir, name, libc::O_RDONLY)?;
     let dst = sys::create_child(work, tmp, libc::O_EXCL | libc::O_WRONLY, 0o600)?;
-    copy_fd_data(src.as_fd(), dst.as_fd(), st.st_size as u64)
+    copy_fd_data(upper, src.as_fd(), dst.as_fd(), st)
 }
 
-/// Copies `size` bytes of data from `src` to the empty file `dst`.
-pub(crate) fn copy_fd_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> OvlResult<()> {
-    // SAFETY: FICLONE takes the source descriptor as its argument.
-    if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
-        return Ok(());
-    }
-    let mut off: i64 = 0;
-    while (off as u64) < size {
-        // SAFETY: plain lseek on our descriptor.
-        let data = unsafe { libc::lseek(src.as_raw_fd(), off, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only a hole remains
+/// Copies the data of `src`, whose size and allocation `st` gives, to the empty file `dst`.
+fn copy_fd_data(
+    upper: &Upper,
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    st: &libc::stat,
+) -> OvlResult<()> {
+    if !upper.no_reflink.load(Ordering::Relaxed) {
+        // SAFETY: FICLONE takes the source descriptor as its argument.
+        if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+            return Ok(());
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { size as i64 } else { hole };
-        copy_range(src, dst, data, end - data)?;
-        off = end;
+        // The upper filesystem cannot share extents at all (EXDEV and EINVAL depend on the
+        // source file, so those are tried again).
+        if matches!(sys::last_errno(), libc::EOPNOTSUPP | libc::ENOTTY) {
+            upper.no_reflink.store(true, Ordering::Relaxed);
+        }
+    }
+    let size = st.st_size.max(0);
+    // A file with as many blocks as bytes has no holes worth finding (blocks preallocated
+    // past the end could hide one, which is then copied as zeros: same data, less sparse).
+    if st.st_blocks.saturating_mul(512) >= size {
+        let end = copy_range(src, dst, 0, size)?;
+        if end == size {
+            return Ok(());
+        }
+    } else {
+        let mut off: i64 = 0;
+        while off < size {
+            // SAFETY: plain lseek on our descriptor.
+            let data = unsafe { libc::lseek(src.as_raw_fd(), off, libc::SEEK_DATA) };
+            if data < 0 {
+                break; // ENXIO: only a hole remains
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+            let end = if hole < 0 { size } else { hole };
+            copy_range(src, dst, data, end - data)?;
+            off = end;
+        }
     }
     // SAFETY: plain ftruncate; makes a trailing hole part of the size.
-    if unsafe { libc::ftruncate(dst.as_raw_fd(), size as i64) } < 0 {
+    if unsafe { libc::ftruncate(dst.as_raw_fd(), size) } < 0 {
         return Err(sys::last_errno());
     }
     Ok(())
 }
 
-fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: i64) -> OvlResult<()> {
+/// Copies `len` bytes at `start` from `src` to the same offset of `dst`, up to the end of
+/// `src`; returns the offset where the copy ended.
+fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: i64) -> OvlResult<i64> {
     let (mut ioff, mut ooff) = (start, start);
     let end = start + len;
     let mut use_cfr = true;
@@ -492,7 +519,7 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: i64) ->
         }
         ioff += n as i64;
     }
-    Ok(())
+    Ok(ooff)
 }
 
 /// Owner, mode and xattrs of the original, in the order that keeps them all: chown first (it

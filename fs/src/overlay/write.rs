@@ -224,7 +224,7 @@ impl Overlay {
                 Some(gid),
                 Some(mode),
             )?;
-        } else {
+        } else if (st0.st_uid, st0.st_gid) != (uid, gid) {
             match sys::chown_at(pfd.as_fd(), cname, uid, gid) {
                 Ok(()) | Err(libc::EPERM) | Err(libc::EINVAL) => {}
                 Err(e) => return Err(e),
@@ -233,6 +233,10 @@ impl Overlay {
             if (st0.st_mode & libc::S_IFMT) != libc::S_IFLNK && want_mode & 0o6000 != 0 {
                 sys::chmod_at(pfd.as_fd(), cname, want_mode & 0o7777)?;
             }
+        } else if !(is_dir && had_whiteout) {
+            // Created with the caller's own ids (a daemon serving its own user) and nothing
+            // more to record: the first stat is the final one.
+            return Ok(st0);
         }
         // A new directory where a lower one was deleted must not show the old contents.
         if is_dir && had_whiteout && self.lower_has(ploc, name)? {
