@@ -351,7 +351,7 @@ impl Overlay {
         let mut top: Option<Hit> = None;
         let mut merged: Vec<DirLayer> = Vec::new();
         let mut redirect: Option<Box<[u8]>> = None;
-        for dl in dirs.iter() {
+        for (i, dl) in dirs.iter().enumerate() {
             let base = dl.path_in_layer(&ploc.path);
             let dfd = match self.layer_dir(dl.layer, base) {
                 Ok(fd) => fd,
@@ -405,8 +405,9 @@ impl Overlay {
                 Err(libc::ENOENT) => {}
                 Err(e) => return Err(e),
             }
-            // A `.wh.NAME` hides the name in the layers below this one, not in this one.
-            if whiteout::has_oci_whiteout(dir, name) {
+            // A `.wh.NAME` hides the name in the layers below this one, not in this one; the
+            // bottom layer has none below (most lookups of a new or lower-only directory).
+            if i + 1 < dirs.len() && whiteout::has_oci_whiteout(dir, name) {
                 break;
             }
         }
