@@ -395,6 +395,13 @@ fn check(r: libc::c_int) -> SysResult<()> {
     }
 }
 
+/// Tells the kernel that `fd` will be read sequentially (a read-ahead window twice the
+/// device's); a hint, so failure is ignored.
+pub fn advise_sequential(fd: BorrowedFd<'_>) {
+    // SAFETY: plain fadvise on our descriptor.
+    unsafe { libc::posix_fadvise(fd.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+}
+
 /// `unlinkat(dir, name, flags)`.
 pub fn unlink_at(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> SysResult<()> {
     // SAFETY: valid fd and C string.

@@ -713,6 +713,10 @@ impl Overlay {
         let loc = node.loc.read().clone();
         let keep = flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_NOATIME);
         let fd = self.open_for_read(&loc, libc::O_RDONLY | keep)?;
+        // The kernel reads ahead for the application in FUSE's page cache; the layer file's
+        // own read-ahead must keep the disk busy ahead of those READs, so it gets the widest
+        // window (random readers are still detected and not read ahead for).
+        sys::advise_sequential(fd.as_fd());
         Ok(self.handles.insert(Handle::File(OpenFile {
             node,
             file: parking_lot::RwLock::new((loc.data_layer(), File::from(fd))),
