@@ -218,14 +218,35 @@ struct XattrArgs {
     flags: u32,
 }
 
-/// Runs `at` (an `*xattrat` call) when the name is a real one and the kernel has those calls;
-/// `None` means the `/proc` path must be used instead. O_PATH descriptors are refused by the
-/// `*xattrat` calls with an empty name, so the object itself always goes through `/proc`.
-fn via_xattrat(name: &CStr, at: impl FnOnce() -> libc::c_long) -> Option<libc::c_long> {
+/// Makes `*xattrat` call `nr` on object `name` in `dir` (never following a final symlink),
+/// with the call's remaining arguments in `rest`; `None` when the name is empty or the kernel
+/// lacks the calls, and the `/proc` path must serve instead (the calls refuse O_PATH
+/// descriptors with an empty name, so the object itself always goes through `/proc`).
+///
+/// # Safety
+/// `rest` must hold what call `nr` takes after its flags: pointers valid for the lengths
+/// given alongside them.
+unsafe fn xattrat(
+    nr: libc::c_long,
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    rest: [usize; 3],
+) -> Option<libc::c_long> {
     if name.is_empty() || !XATTRAT.load(Ordering::Relaxed) {
         return None;
     }
-    let r = at();
+    // SAFETY: valid fd and C string; the caller vouches for `rest`.
+    let r = unsafe {
+        libc::syscall(
+            nr,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            rest[0],
+            rest[1],
+            rest[2],
+        )
+    };
     if r < 0 && last_errno() == libc::ENOSYS {
         XATTRAT.store(false, Ordering::Relaxed);
         return None;
@@ -241,22 +262,13 @@ pub fn get_xattr_at(dir: BorrowedFd<'_>, name: &CStr, xname: &CStr) -> SysResult
             size: len as u32,
             flags: 0,
         };
-        let at = || {
-            // SAFETY: valid fd, C strings and argument struct; buf is valid for len bytes
-            // (or null with len 0).
-            unsafe {
-                libc::syscall(
-                    SYS_GETXATTRAT,
-                    dir.as_raw_fd(),
-                    name.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                    xname.as_ptr(),
-                    &mut args as *mut XattrArgs,
-                    std::mem::size_of::<XattrArgs>(),
-                )
-            }
-        };
-        if let Some(r) = via_xattrat(name, at) {
+        let rest = [
+            xname.as_ptr() as usize,
+            &mut args as *mut XattrArgs as usize,
+            std::mem::size_of::<XattrArgs>(),
+        ];
+        // SAFETY: a C string and the argument struct, whose buffer is valid for its size.
+        if let Some(r) = unsafe { xattrat(SYS_GETXATTRAT, dir, name, rest) } {
             return r as isize;
         }
         let (path, follow) = proc_path(dir, name);
@@ -274,20 +286,8 @@ pub fn get_xattr_at(dir: BorrowedFd<'_>, name: &CStr, xname: &CStr) -> SysResult
 /// Lists the xattr names (NUL-separated) of object `name` in `dir`.
 pub fn list_xattr_at(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<Vec<u8>> {
     sized_read(|buf, len| {
-        let at = || {
-            // SAFETY: valid fd and C string; buf is valid for len bytes (or null with len 0).
-            unsafe {
-                libc::syscall(
-                    SYS_LISTXATTRAT,
-                    dir.as_raw_fd(),
-                    name.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                    buf,
-                    len,
-                )
-            }
-        };
-        if let Some(r) = via_xattrat(name, at) {
+        // SAFETY: buf is valid for len bytes (or null with len 0).
+        if let Some(r) = unsafe { xattrat(SYS_LISTXATTRAT, dir, name, [buf as usize, len, 0]) } {
             return r as isize;
         }
         let (path, follow) = proc_path(dir, name);
@@ -315,21 +315,13 @@ pub fn set_xattr_at(
         size: value.len() as u32,
         flags: flags as u32,
     };
-    let at = || {
-        // SAFETY: valid fd, C strings and argument struct pointing at `value`.
-        unsafe {
-            libc::syscall(
-                SYS_SETXATTRAT,
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-                xname.as_ptr(),
-                &args as *const XattrArgs,
-                std::mem::size_of::<XattrArgs>(),
-            )
-        }
-    };
-    if let Some(r) = via_xattrat(name, at) {
+    let rest = [
+        xname.as_ptr() as usize,
+        &args as *const XattrArgs as usize,
+        std::mem::size_of::<XattrArgs>(),
+    ];
+    // SAFETY: a C string and the argument struct pointing at `value`.
+    if let Some(r) = unsafe { xattrat(SYS_SETXATTRAT, dir, name, rest) } {
         return check(r as libc::c_int);
     }
     let (path, follow) = proc_path(dir, name);
@@ -351,19 +343,15 @@ pub fn set_xattr_at(
 
 /// Removes xattr `xname` of object `name` in `dir`.
 pub fn remove_xattr_at(dir: BorrowedFd<'_>, name: &CStr, xname: &CStr) -> SysResult<()> {
-    let at = || {
-        // SAFETY: valid fd and C strings.
-        unsafe {
-            libc::syscall(
-                SYS_REMOVEXATTRAT,
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-                xname.as_ptr(),
-            )
-        }
-    };
-    if let Some(r) = via_xattrat(name, at) {
+    // SAFETY: a C string; the unused arguments are ignored.
+    if let Some(r) = unsafe {
+        xattrat(
+            SYS_REMOVEXATTRAT,
+            dir,
+            name,
+            [xname.as_ptr() as usize, 0, 0],
+        )
+    } {
         return check(r as libc::c_int);
     }
     let (path, follow) = proc_path(dir, name);
