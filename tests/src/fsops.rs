@@ -284,26 +284,37 @@ pub fn names(path: &Path) -> Vec<String> {
     v
 }
 
+/// Maps `len` bytes of `f` from offset 0, read-only, with `flags` (`MAP_PRIVATE` or
+/// `MAP_SHARED`).
+fn map_file(f: &fs::File, len: usize, flags: i32) -> io::Result<*mut libc::c_void> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a fresh mapping of an open file; the caller unmaps it.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            flags,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ptr)
+}
+
 /// Reads a whole file through `mmap(PROT_READ, MAP_PRIVATE)`.
 pub fn read_via_mmap(path: &Path) -> io::Result<Vec<u8>> {
-    use std::os::unix::io::AsRawFd;
     let f = fs::File::open(path)?;
     let len = f.metadata()?.len() as usize;
     if len == 0 {
         return Ok(Vec::new());
     }
+    let p = map_file(&f, len, libc::MAP_PRIVATE)?;
+    // SAFETY: the mapping is live and `len` long until the munmap.
     unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            f.as_raw_fd(),
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
         let v = std::slice::from_raw_parts(p as *const u8, len).to_vec();
         libc::munmap(p, len);
         Ok(v)
@@ -320,21 +331,7 @@ pub struct SharedMapping {
 impl SharedMapping {
     /// Maps `len` bytes of `f` from offset 0.
     pub fn new(f: &fs::File, len: usize) -> io::Result<SharedMapping> {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: a fresh mapping of an open file; unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let ptr = map_file(f, len, libc::MAP_SHARED)?;
         Ok(SharedMapping { ptr, len })
     }
 

@@ -7,6 +7,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::PathBuf;
 
 use strata_tests::fsops::SharedMapping;
 use strata_tests::*;
@@ -85,18 +86,25 @@ fn upper_file_is_passed_through_as_root() {
     );
 }
 
+/// Mounts stratafs with `nopassthrough` over `lower` and a fresh upper layer; returns the
+/// mount's guard, the upper directory and the mountpoint.
+fn mount_nopassthrough(sc: &Scratch, lower: &Layer) -> (MountGuard, PathBuf, PathBuf) {
+    let up = sc.mkdir("upper");
+    let work = sc.mkdir("work");
+    let mnt = sc.mkdir("mnt");
+    let g = Strata::new(&[lower.root()])
+        .upper(&up, &work)
+        .opt("nopassthrough")
+        .mount(&mnt);
+    (g, up, mnt)
+}
+
 #[test]
 fn nopassthrough_serves_from_the_daemon() {
     let sc = Scratch::new();
     let lower = sc.layer("lower");
     lower.file("keep", "k");
-    let up = sc.mkdir("upper");
-    let work = sc.mkdir("work");
-    let mnt = sc.mkdir("mnt");
-    let _g = Strata::new(&[lower.root()])
-        .upper(&up, &work)
-        .opt("nopassthrough")
-        .mount(&mnt);
+    let (_g, up, mnt) = mount_nopassthrough(&sc, &lower);
     fs::write(mnt.join("new"), b"0123456789").unwrap();
     let mut f = File::open(mnt.join("new")).unwrap();
     let mut s = String::new();
@@ -186,13 +194,7 @@ fn cached_readers_see_writes_of_a_write_only_open() {
     let sc = Scratch::new();
     let lower = sc.layer("lower");
     lower.file("f", "a".repeat(3 * 4096));
-    let up = sc.mkdir("upper");
-    let work = sc.mkdir("work");
-    let mnt = sc.mkdir("mnt");
-    let _g = Strata::new(&[lower.root()])
-        .upper(&up, &work)
-        .opt("nopassthrough")
-        .mount(&mnt);
+    let (_g, up, mnt) = mount_nopassthrough(&sc, &lower);
     let path = mnt.join("f");
 
     let reader = File::open(&path).unwrap();
