@@ -72,8 +72,9 @@ where
     F: FnMut(&DirLayer) -> SysResult<(std::sync::Arc<std::os::fd::OwnedFd>, u64)>,
 {
     let mut out: Vec<DirEntry> = Vec::new();
-    let mut seen: NameSet = NameSet::default();
-    let mut hidden: NameSet = NameSet::default();
+    // Names listed from a higher layer or whited out in one: either way a lower layer's
+    // entry of that name is not listed. One set, so a bottom-layer entry costs one probe.
+    let mut taken: NameSet = NameSet::default();
     for (i, dl) in layers.iter().enumerate() {
         let (fd, dev) = match open(dl) {
             Ok(x) => x,
@@ -95,7 +96,7 @@ where
                 whiteouts.push(target.into());
                 continue;
             }
-            if seen.contains(&e.name) || hidden.contains(&e.name) {
+            if !taken.is_empty() && taken.contains(&e.name) {
                 continue;
             }
             let Some(kind) = entry_kind(dir, &e, dl.xattr_whiteouts)? else {
@@ -103,7 +104,7 @@ where
                 continue;
             };
             if !last {
-                seen.insert(e.name.clone());
+                taken.insert(e.name.clone());
             }
             out.push(DirEntry {
                 ino: number(e.ino),
@@ -112,7 +113,8 @@ where
                 off: 0,
             });
         }
-        hidden.extend(whiteouts);
+        // Only after the layer: a whiteout hides the layers below its own.
+        taken.extend(whiteouts);
     }
     Ok(out)
 }

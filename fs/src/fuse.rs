@@ -619,7 +619,7 @@ impl Filesystem for StrataFuse {
         };
         let mut added = false;
         // Offsets as in `readdir`.
-        for e in &entries[start..] {
+        for (i, e) in entries.iter().enumerate().skip(start) {
             let name = OsStr::from_bytes(&e.name);
             let next = e.off;
             if &*e.name == b"." || &*e.name == b".." {
@@ -641,7 +641,7 @@ impl Filesystem for StrataFuse {
             // Exactly what a lookup of the name answers now, with one lookup reference
             // counted: the kernel takes one for every entry it receives (and forgets it
             // like any other).
-            let a = match self.ov.lookup(ino.0, name) {
+            let a = match self.ov.lookup_listed(ino.0, &entries, i) {
                 Ok(a) => a,
                 // Gone since the listing was made: lookup and listing agree that it is.
                 Err(libc::ENOENT) => continue,
@@ -668,6 +668,7 @@ impl Filesystem for StrataFuse {
             }
             added = true;
         }
+        self.ov.listed_reply_made(ino.0);
         reply.ok();
     }
 

@@ -56,12 +56,13 @@ fn entries_after(l: &[DirEntry], offset: u64) -> usize {
     l.partition_point(|e| e.off <= offset)
 }
 
-/// Drops a listing no longer kept, giving a big one's memory back to the system (see
-/// [`TRIM_AFTER_LISTING`]).
-fn let_go(l: Arc<[DirEntry]>) {
-    let big = l.len() >= TRIM_AFTER_LISTING;
+/// Drops a reference to a listing no longer kept, giving a big one's memory back to the
+/// system when it was the last (see [`TRIM_AFTER_LISTING`]): a trim walks the heap's free
+/// lists, milliseconds after a big walk, so it is not done while the listing is still held.
+fn let_go(mut l: Arc<[DirEntry]>) {
+    let freed = l.len() >= TRIM_AFTER_LISTING && Arc::get_mut(&mut l).is_some();
     drop(l);
-    if big {
+    if freed {
         crate::heap::trim();
     }
 }
