@@ -113,6 +113,13 @@ impl Shared {
         self.epoch.elapsed().as_micros() as u64
     }
 
+    /// A lookup came in directory `dir`.
+    fn used(&self, dir: u64) {
+        if self.whole_dir.load(Ordering::Relaxed) == dir {
+            self.whole_used.store(self.now(), Ordering::Relaxed);
+        }
+    }
+
     /// The whole-listing job's directory saw no lookup for [`IDLE`].
     fn whole_idle(&self) -> bool {
         let used = self.whole_used.load(Ordering::Relaxed);
@@ -228,9 +235,7 @@ impl Lookahead {
         if !s.running.load(Ordering::Relaxed) {
             return;
         }
-        if s.whole_dir.load(Ordering::Relaxed) == dir {
-            s.whole_used.store(s.now(), Ordering::Relaxed);
-        }
+        s.used(dir);
         if took < COLD_LOOKUP || s.jobs.lock().whole.as_ref().is_some_and(|j| j.lists(dir)) {
             return;
         }
@@ -261,7 +266,12 @@ impl Lookahead {
         took: Duration,
     ) {
         let s = &self.shared;
-        if !s.running.load(Ordering::Relaxed) || took < COLD_LOOKUP {
+        if !s.running.load(Ordering::Relaxed) {
+            return;
+        }
+        if took < COLD_LOOKUP {
+            // Warm, perhaps thanks to the whole-listing job: it is still wanted.
+            s.used(dir);
             return;
         }
         // The directory was listed to its end before: resolve all of it.
