@@ -141,7 +141,7 @@ impl Jobs {
     fn slot(&mut self, span: &Span) -> &mut Option<Job> {
         match span {
             Span::Listing { .. } => &mut self.whole,
-            Span::Block { .. } => &mut self.block,
+            Span::Block => &mut self.block,
         }
     }
 }
@@ -152,9 +152,9 @@ enum Span {
     /// A whole listing after its end was read, by inode number from the name first looked
     /// up on (ordered by the first thread to take a name).
     Listing { first_name: Option<Box<[u8]>> },
-    /// The entries `from..to` of a listing, in listing order: what a READDIRPLUS reply
-    /// being made will carry after a cold entry.
-    Block { to: usize },
+    /// Entries of a listing in listing order (made by the caller): what a READDIRPLUS
+    /// reply being made will carry after a cold entry.
+    Block,
 }
 
 #[derive(Debug)]
@@ -195,17 +195,12 @@ impl Job {
         None
     }
 
-    /// This job resolves (or resolved) the whole listing of `dir`.
-    fn lists(&self, dir: u64) -> bool {
-        self.dir == dir && matches!(self.span, Span::Listing { .. })
-    }
-
-    /// This job resolves entry `i` of `dir`'s listing `l` for a reply.
+    /// This block job resolves entry `i` of `dir`'s listing `l` for a reply.
     fn covers(&self, dir: u64, l: &Arc<[DirEntry]>, i: usize) -> bool {
-        match self.span {
-            Span::Block { to } => self.dir == dir && Arc::ptr_eq(&self.listing, l) && i < to,
-            Span::Listing { .. } => false,
-        }
+        // A block's order is ascending: its last index is its end.
+        self.dir == dir
+            && Arc::ptr_eq(&self.listing, l)
+            && self.order.last().is_some_and(|&last| i as u32 <= last)
     }
 }
 
@@ -236,7 +231,7 @@ impl Lookahead {
             return;
         }
         s.used(dir);
-        if took < COLD_LOOKUP || s.jobs.lock().whole.as_ref().is_some_and(|j| j.lists(dir)) {
+        if took < COLD_LOOKUP || s.jobs.lock().whole.as_ref().is_some_and(|j| j.dir == dir) {
             return;
         }
         let Some(listing) = s.recent.lock().pop(&dir) else {
@@ -284,7 +279,7 @@ impl Lookahead {
             // A whole-listing job for the directory resolves these too, in a better order;
             // helping it with a block as well only contends for the CPU (ls then ls -l of
             // 102,500 names, cold: 1.58 s with the whole listing alone, 1.78 with both).
-            if jobs.whole.as_ref().is_some_and(|j| j.lists(dir))
+            if jobs.whole.as_ref().is_some_and(|j| j.dir == dir)
                 || jobs.block.as_ref().is_some_and(|j| j.covers(dir, l, i + 1))
             {
                 return;
@@ -295,7 +290,7 @@ impl Lookahead {
             dir,
             parent: Arc::new(parent.clone()),
             listing: l.clone(),
-            span: Span::Block { to },
+            span: Span::Block,
             order: (i as u32 + 1..to as u32).collect(),
             next: 0,
         });
@@ -366,15 +361,10 @@ impl Overlay {
         listing: &Arc<[DirEntry]>,
         i: usize,
     ) -> OvlResult<Attr> {
-        let pnode = self.node(parent)?;
-        let ploc = pnode.loc.read().clone();
-        let name = &listing[i].name;
-        let start = std::time::Instant::now();
-        let r = self.resolve(&ploc, name);
-        self.lookahead
-            .looked_up_listed(parent, &ploc, listing, i, start.elapsed());
-        let r = r?.ok_or(libc::ENOENT)?;
-        Ok(self.remember(&ploc.path, name, r))
+        self.lookup_timed(parent, &listing[i].name, |ploc, took| {
+            self.lookahead
+                .looked_up_listed(parent, ploc, listing, i, took)
+        })
     }
 
     /// The READDIRPLUS reply for directory `dir` is made.
@@ -396,17 +386,18 @@ fn work(s: &Shared, ov: &Weak<Overlay>, first: bool) {
                 // neighbours share inode table blocks: one thread keeps ahead of the
                 // lookups, more only contend with them for the CPU (measured: a cold walk
                 // 1.37 -> 1.66 of the kernel).
-                let slot = if jobs.block.is_some() || !first {
-                    &mut jobs.block
-                } else {
+                let whole = first && jobs.block.is_none();
+                let slot = if whole {
                     &mut jobs.whole
+                } else {
+                    &mut jobs.block
                 };
                 let next = match slot.as_mut() {
                     None => {
                         s.wake.wait(&mut jobs);
                         continue;
                     }
-                    Some(j) if matches!(j.span, Span::Listing { .. }) && s.whole_idle() => None,
+                    Some(_) if whole && s.whole_idle() => None,
                     Some(j) => j.next_name().map(|n| (j.parent.clone(), n)),
                 };
                 match next {

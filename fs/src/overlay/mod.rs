@@ -576,14 +576,26 @@ impl Overlay {
 
     /// Looks `name` up in directory `parent` and counts one kernel reference to the result.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> OvlResult<Attr> {
+        self.lookup_timed(parent, name.as_bytes(), |ploc, took| {
+            self.lookahead.looked_up(parent, ploc, name, took)
+        })
+    }
+
+    /// [`Overlay::lookup`], telling `timed` how long resolving the name took (the
+    /// lookahead's cue that the layers are cold).
+    fn lookup_timed(
+        &self,
+        parent: u64,
+        name: &[u8],
+        timed: impl FnOnce(&Location, std::time::Duration),
+    ) -> OvlResult<Attr> {
         let pnode = self.node(parent)?;
         let ploc = pnode.loc.read().clone();
         let start = std::time::Instant::now();
-        let r = self.resolve(&ploc, name.as_bytes());
-        self.lookahead
-            .looked_up(parent, &ploc, name, start.elapsed());
+        let r = self.resolve(&ploc, name);
+        timed(&ploc, start.elapsed());
         let r = r?.ok_or(libc::ENOENT)?;
-        Ok(self.remember(&ploc.path, name.as_bytes(), r))
+        Ok(self.remember(&ploc.path, name, r))
     }
 
     /// Registers (or finds) the node for a resolved entry, counts one kernel reference, and
