@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::os::fd::BorrowedFd;
 
 use crate::fasthash::BuildFoldHasher;
+use crate::fdcache::LayerDir;
 use crate::inode::{DirLayer, InoMapper};
 use crate::sys::{self, SysResult};
 use crate::whiteout;
@@ -69,7 +70,7 @@ pub fn order(entries: &mut [DirEntry]) {
 /// of the directory and that layer's device number.
 pub fn merge<F>(layers: &[DirLayer], mut open: F, inos: &InoMapper) -> SysResult<Vec<DirEntry>>
 where
-    F: FnMut(&DirLayer) -> SysResult<(std::sync::Arc<std::os::fd::OwnedFd>, u64)>,
+    F: FnMut(&DirLayer) -> SysResult<(std::sync::Arc<LayerDir>, u64)>,
 {
     let mut out: Vec<DirEntry> = Vec::new();
     // Names listed from a higher layer or whited out in one: either way a lower layer's
@@ -86,6 +87,7 @@ where
         let number = inos.for_dev(dev);
         let dir = std::os::fd::AsFd::as_fd(fd.as_ref());
         let raw = sys::read_dir(dir)?;
+        fd.listed(raw.iter().map(|e| &e.name[..]));
         out.reserve(raw.len());
         let mut whiteouts: Vec<Box<[u8]>> = Vec::new();
         for e in raw {

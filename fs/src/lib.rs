@@ -14,6 +14,7 @@ pub mod heap;
 pub mod idmap;
 pub mod inode;
 pub mod layers;
+pub mod namefilter;
 pub mod nodetable;
 pub mod options;
 pub mod overlay;

@@ -12,8 +12,9 @@
 
 use std::borrow::Cow;
 use std::ffi::CStr;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
+use crate::fdcache::LayerDir;
 use crate::sys;
 
 /// Prefix of OCI whiteout entries.
@@ -93,8 +94,18 @@ pub fn has_whiteout_xattr(dir: BorrowedFd<'_>, name: &CStr) -> bool {
 
 /// Whether a `.wh.NAME` whiteout for `name` exists in `dir`.
 pub fn has_oci_whiteout(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
-    match sys::cstring(&oci_whiteout_name(name)) {
-        Ok(wh) => sys::stat_at(dir, &wh).is_ok(),
+    exists(dir, &oci_whiteout_name(name))
+}
+
+/// [`has_oci_whiteout`] in a layer directory, which may know the answer without asking.
+pub fn layer_has_oci_whiteout(dir: &LayerDir, name: &[u8]) -> bool {
+    let wh = oci_whiteout_name(name);
+    !dir.lacks(&wh) && exists(dir.as_fd(), &wh)
+}
+
+fn exists(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
+    match sys::cstring(name) {
+        Ok(name) => sys::stat_at(dir, &name).is_ok(),
         Err(_) => false,
     }
 }

@@ -760,3 +760,73 @@ fn hundred_thousand_entries_list_once_and_seekdir_resumes() {
             .unwrap_or_else(|e| panic!("{} listed but not found: {e}", name(i)));
     }
 }
+
+/// What a lookup of each name finds: its content, or that it is absent.
+fn found(dir: &Path, names: &[String]) -> Vec<(String, Option<String>)> {
+    names
+        .iter()
+        .map(|n| (n.clone(), fs::read_to_string(dir.join(n)).ok()))
+        .collect()
+}
+
+/// Read-only layers answer lookups after a listing from what the listing saw (most names
+/// are in no layer but one); what a lookup finds must not change with it: names in every
+/// layer, names whited out in each format above them, `.wh.` names themselves, and names in
+/// no layer, in a directory big enough that most lookups come after the listing's end.
+#[test]
+fn lookups_after_a_listing_find_what_lookups_before_it_find() {
+    let sc = Scratch::new();
+    let [l1, l2, l3] = [sc.layer("l1"), sc.layer("l2"), sc.layer("l3")];
+    let mut names = Vec::new();
+    for i in 0..3000 {
+        let n = format!("e{i:05}");
+        l3.file(format!("d/{n}"), format!("3 {n}"));
+        match i % 10 {
+            0 => drop(l2.file(format!("d/{n}"), format!("2 {n}"))),
+            1 => drop(l1.file(format!("d/{n}"), format!("1 {n}"))),
+            2 => drop(l1.whiteout(format!("d/{n}"), Whiteout::Oci)),
+            3 => drop(l2.whiteout(format!("d/{n}"), Whiteout::Oci)),
+            4 => drop(l2.whiteout(format!("d/{n}"), Whiteout::CharDev)),
+            5 => drop(
+                l2.whiteout(format!("d/{n}"), Whiteout::Oci)
+                    .file(format!("d/{n}"), format!("2 {n}")),
+            ),
+            _ => {}
+        }
+        names.push(n.clone());
+        names.push(format!(".wh.{n}"));
+        names.push(format!("x{i:05}"));
+    }
+    l1.file("d/top", "top").file("d/.wh.nothing", "");
+    names.extend(["top", "nothing", ".wh.nothing"].map(String::from));
+    let layers = [l1.root(), l2.root(), l3.root()];
+    let unlisted = {
+        let mnt = sc.mkdir("m1");
+        let g = Strata::new(&layers).mount(&mnt);
+        found(&g.join("d"), &names)
+    };
+    let mnt = sc.mkdir("m2");
+    let g = Strata::new(&layers).mount(&mnt);
+    let listed: BTreeSet<String> = fsops::names(&g.join("d")).into_iter().collect();
+    let after = found(&g.join("d"), &names);
+    let present: BTreeSet<String> = unlisted
+        .iter()
+        .filter(|(_, c)| c.is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    // 3000 bottom names, less the 400 whited out in l1 (i%10 == 2) and l2 (3, 4), plus top.
+    assert_eq!(present.len(), 2101, "names found before any listing");
+    let unlisted_only: Vec<&String> = present.difference(&listed).take(5).collect();
+    let listed_only: Vec<&String> = listed.difference(&present).take(5).collect();
+    assert!(
+        unlisted_only.is_empty() && listed_only.is_empty(),
+        "found by lookups but not listed: {unlisted_only:?}; listed but not found: {listed_only:?}"
+    );
+    let changed: Vec<_> = unlisted
+        .iter()
+        .zip(&after)
+        .filter(|(before, now)| before != now)
+        .take(5)
+        .collect();
+    assert!(changed.is_empty(), "(before, after a listing): {changed:?}");
+}

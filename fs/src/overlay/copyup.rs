@@ -8,11 +8,12 @@
 
 use std::ffi::CStr;
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{Overlay, OvlResult, INDEX_LAYER, METACOPY_MIN};
+use crate::fdcache::LayerDir;
 use crate::inode::{split_path, DirLayer, Location, Node};
 use crate::sys;
 use crate::upper::{clear_child, Upper};
@@ -216,7 +217,7 @@ impl Overlay {
 
     /// Ensures the merged directory at `path` exists in the upper layer, copying up each
     /// missing ancestor top down, and returns its upper descriptor.
-    pub(super) fn ensure_upper_dir(&self, path: &[u8]) -> OvlResult<Arc<OwnedFd>> {
+    pub(super) fn ensure_upper_dir(&self, path: &[u8]) -> OvlResult<Arc<LayerDir>> {
         if let Ok(fd) = self.layer_dir(0, path) {
             return Ok(fd);
         }

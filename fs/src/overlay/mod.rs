@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::dirmerge::{self, DirEntry};
-use crate::fdcache::DirFdCache;
+use crate::fdcache::{DirFdCache, LayerDir};
 use crate::handles::{DirHandle, Handle, HandleTable, KeptListing, OpenFile};
 use crate::idmap::IdMaps;
 use crate::inode::{split_path, DirLayer, InoMapper, Location, LowerData, Node, ROOT_INO};
@@ -33,6 +33,10 @@ use crate::whiteout;
 
 /// Result of an overlay operation: a value or an `errno`.
 pub type OvlResult<T> = Result<T, i32>;
+
+/// What the `*at` calls on an object go through: its layer directory, or the object itself
+/// when it is pinned by a descriptor.
+type ObjectDir = Arc<dyn AsFd + Send + Sync>;
 
 /// Directory descriptors kept open at most; the rest are reopened on demand.
 const DIR_FD_CACHE: usize = 1024;
@@ -293,8 +297,9 @@ impl Overlay {
 
     /// Descriptor of `layer`'s copy of directory `path`, from the cache or opened confined to
     /// the layer.
-    fn layer_dir(&self, layer: u16, path: &[u8]) -> OvlResult<Arc<OwnedFd>> {
-        self.dirfds.get_or_open(layer, path, || {
+    fn layer_dir(&self, layer: u16, path: &[u8]) -> OvlResult<Arc<LayerDir>> {
+        let fixed = layer != INDEX_LAYER && !self.stack.get(layer).writable;
+        self.dirfds.get_or_open(layer, path, fixed, || {
             if layer == INDEX_LAYER {
                 let index = self.upper.as_ref().and_then(|u| u.index.as_ref());
                 return match index {
@@ -348,7 +353,7 @@ impl Overlay {
         let child_path = join(&ploc.path, name);
 
         // The topmost hit: layer, attributes, its directory's descriptor, its path there.
-        type Hit = (u16, libc::stat, Arc<OwnedFd>, Box<[u8]>);
+        type Hit = (u16, libc::stat, Arc<LayerDir>, Box<[u8]>);
         let mut top: Option<Hit> = None;
         let mut merged: Vec<DirLayer> = Vec::new();
         let mut redirect: Option<Box<[u8]>> = None;
@@ -360,7 +365,7 @@ impl Overlay {
                 Err(e) => return Err(e),
             };
             let dir = dfd.as_fd();
-            match sys::stat_at(dir, &cname) {
+            match dfd.stat_child(name, &cname) {
                 Ok(st) => {
                     if whiteout::is_chardev_whiteout(&st)
                         || (dl.xattr_whiteouts
@@ -408,7 +413,7 @@ impl Overlay {
             }
             // A `.wh.NAME` hides the name in the layers below this one, not in this one; the
             // bottom layer has none below (most lookups of a new or lower-only directory).
-            if i + 1 < dirs.len() && whiteout::has_oci_whiteout(dir, name) {
+            if i + 1 < dirs.len() && whiteout::layer_has_oci_whiteout(&dfd, name) {
                 break;
             }
         }
@@ -1004,17 +1009,20 @@ impl Overlay {
 
     /// The directory descriptor and name through which the `*at` calls reach `loc`'s object
     /// (a directory, or a pinned object, is reached as itself, with an empty name).
-    fn object_at(&self, loc: &Location) -> OvlResult<(Arc<OwnedFd>, std::ffi::CString)> {
+    fn object_at(&self, loc: &Location) -> OvlResult<(ObjectDir, std::ffi::CString)> {
         if let Some(fd) = loc.pinned() {
-            Ok((fd.clone(), std::ffi::CString::default()))
+            Ok((fd.clone() as ObjectDir, std::ffi::CString::default()))
         } else if loc.dir().is_some() {
             Ok((
-                self.layer_dir(loc.layer, loc.real_path())?,
+                self.layer_dir(loc.layer, loc.real_path())? as ObjectDir,
                 std::ffi::CString::default(),
             ))
         } else {
             let (parent, name) = loc.real_split();
-            Ok((self.layer_dir(loc.layer, parent)?, sys::cstring(name)?))
+            Ok((
+                self.layer_dir(loc.layer, parent)? as ObjectDir,
+                sys::cstring(name)?,
+            ))
         }
     }
 

@@ -107,7 +107,7 @@ impl Overlay {
                 Err(libc::ENOENT) | Err(libc::ENOTDIR) => continue,
                 Err(e) => return Err(e),
             };
-            match sys::stat_at(dfd.as_fd(), &cname) {
+            match dfd.stat_child(name, &cname) {
                 Ok(st) => {
                     let wh = whiteout::is_chardev_whiteout(&st)
                         || (dl.xattr_whiteouts
@@ -118,7 +118,7 @@ impl Overlay {
                 Err(libc::ENOENT) => {}
                 Err(e) => return Err(e),
             }
-            if whiteout::has_oci_whiteout(dfd.as_fd(), name) {
+            if whiteout::layer_has_oci_whiteout(&dfd, name) {
                 return Ok(false);
             }
         }
@@ -143,7 +143,15 @@ impl Overlay {
         let cname = sys::cstring(name)?;
         let st = self.changing(&[(parent, name)], || {
             self.make_entry(
-                upper, &ploc, &pfd, name, &cname, who, is_dir, want_mode, make,
+                upper,
+                &ploc,
+                pfd.fd(),
+                name,
+                &cname,
+                who,
+                is_dir,
+                want_mode,
+                make,
             )
         })?;
         self.listing_changed(parent);
