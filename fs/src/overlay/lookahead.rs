@@ -67,6 +67,13 @@ const MIN_BLOCK_LISTING: usize = 1024;
 /// A whole-listing job is dropped when no lookup came in its directory for this long.
 const IDLE: Duration = Duration::from_millis(50);
 
+/// The nice value of the thread that resolves whole listings, where it may raise itself
+/// (root): it must stay ahead of the lookups it stands in for, so it should run as soon as
+/// its disk read is in, not behind the walker and the workers it serves. Measured: a cold
+/// walk of 162k names 4.82 -> 4.54 s (mean of five); with a lower priority than theirs it
+/// falls behind (5.6 s).
+const WHOLE_NICE: i32 = -10;
+
 /// The lookahead's state, shared with its threads.
 #[derive(Debug, Default)]
 pub(crate) struct Lookahead {
@@ -375,6 +382,11 @@ impl Overlay {
 
 /// The thread: resolves the next name of the current job, until the overlay is gone.
 fn work(s: &Shared, ov: &Weak<Overlay>, first: bool) {
+    if first {
+        // SAFETY: sets the calling thread's nice value; refused without CAP_SYS_NICE, and
+        // then the thread runs as the others do.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, WHOLE_NICE) };
+    }
     loop {
         let (parent, name) = {
             let mut jobs = s.jobs.lock();
