@@ -86,8 +86,15 @@ where
         let last = i + 1 == layers.len();
         let number = inos.for_dev(dev);
         let dir = std::os::fd::AsFd::as_fd(fd.as_ref());
-        let raw = sys::read_dir(dir)?;
-        fd.listed(raw.iter().map(|e| &e.name[..]));
+        let raw = if fd.wants_names() {
+            let (raw, casefold) = sys::read_dir_casefold(dir)?;
+            if !casefold {
+                fd.listed(raw.iter().map(|e| &e.name[..]));
+            }
+            raw
+        } else {
+            sys::read_dir(dir)?
+        };
         out.reserve(raw.len());
         let mut whiteouts: Vec<Box<[u8]>> = Vec::new();
         for e in raw {

@@ -558,6 +558,24 @@ pub struct RawDirEntry {
 /// `getdents64` batches; `.` and `..` are left out.
 pub fn read_dir(dir: BorrowedFd<'_>) -> SysResult<Vec<RawDirEntry>> {
     let fd = open_child(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
+    read_open_dir(fd)
+}
+
+/// [`read_dir`], and whether the directory matches names regardless of case (`chattr +F`
+/// on ext4 or f2fs), where a name's bytes do not say whether a lookup finds it.
+pub fn read_dir_casefold(dir: BorrowedFd<'_>) -> SysResult<(Vec<RawDirEntry>, bool)> {
+    const FS_CASEFOLD_FL: libc::c_long = 0x4000_0000;
+    let fd = open_child(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one long (the kernel reads and writes an int; a long
+    // holds it) into `flags`. Unsupported (not ext4/f2fs-like): no flags, so no casefold.
+    let casefold = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } == 0
+        && flags & FS_CASEFOLD_FL != 0;
+    Ok((read_open_dir(fd)?, casefold))
+}
+
+/// Reads every entry of directory `fd`, from its current position.
+fn read_open_dir(fd: OwnedFd) -> SysResult<Vec<RawDirEntry>> {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
