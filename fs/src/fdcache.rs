@@ -101,14 +101,12 @@ impl DirFdCache {
         &self.shards[h.finish() as usize % SHARDS]
     }
 
-    /// The cached directory, or the one `open` makes (which is then cached; `fixed` if its
-    /// layer is read-only).
+    /// The cached directory, or the one `open` makes (which is then cached).
     pub fn get_or_open<E>(
         &self,
         layer: u16,
         path: &[u8],
-        fixed: bool,
-        open: impl FnOnce() -> Result<OwnedFd, E>,
+        open: impl FnOnce() -> Result<LayerDir, E>,
     ) -> Result<Arc<LayerDir>, E> {
         let shard = self.shard(layer, path);
         let key: Key = (layer, Box::from(path));
@@ -116,7 +114,7 @@ impl DirFdCache {
             return Ok(fd.clone());
         }
         // Open outside the lock: a racing opener costs one extra descriptor briefly.
-        let fd = Arc::new(LayerDir::new(open()?, fixed));
+        let fd = Arc::new(open()?);
         shard.lock().put(key, fd.clone());
         Ok(fd)
     }

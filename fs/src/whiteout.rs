@@ -12,7 +12,7 @@
 
 use std::borrow::Cow;
 use std::ffi::CStr;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 use crate::fdcache::LayerDir;
 use crate::sys;
@@ -94,20 +94,16 @@ pub fn has_whiteout_xattr(dir: BorrowedFd<'_>, name: &CStr) -> bool {
 
 /// Whether a `.wh.NAME` whiteout for `name` exists in `dir`.
 pub fn has_oci_whiteout(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
-    exists(dir, &oci_whiteout_name(name))
+    match sys::cstring(&oci_whiteout_name(name)) {
+        Ok(wh) => sys::stat_at(dir, &wh).is_ok(),
+        Err(_) => false,
+    }
 }
 
 /// [`has_oci_whiteout`] in a layer directory, which may know the answer without asking.
 pub fn layer_has_oci_whiteout(dir: &LayerDir, name: &[u8]) -> bool {
     let wh = oci_whiteout_name(name);
-    !dir.lacks(&wh) && exists(dir.as_fd(), &wh)
-}
-
-fn exists(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
-    match sys::cstring(name) {
-        Ok(name) => sys::stat_at(dir, &name).is_ok(),
-        Err(_) => false,
-    }
+    sys::cstring(&wh).is_ok_and(|c| dir.stat_child(&wh, &c).is_ok())
 }
 
 /// What a layer's copy of a directory says about the layers below it.

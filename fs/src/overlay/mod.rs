@@ -298,21 +298,26 @@ impl Overlay {
     /// Descriptor of `layer`'s copy of directory `path`, from the cache or opened confined to
     /// the layer.
     fn layer_dir(&self, layer: u16, path: &[u8]) -> OvlResult<Arc<LayerDir>> {
-        let fixed = layer != INDEX_LAYER && !self.stack.get(layer).writable;
-        self.dirfds.get_or_open(layer, path, fixed, || {
+        self.dirfds.get_or_open(layer, path, || {
             if layer == INDEX_LAYER {
                 let index = self.upper.as_ref().and_then(|u| u.index.as_ref());
                 return match index {
-                    Some(fd) if path.is_empty() => sys::dup(fd.as_fd()),
+                    Some(fd) if path.is_empty() => Ok(LayerDir::new(sys::dup(fd.as_fd())?, false)),
                     _ => Err(libc::ENOENT),
                 };
             }
-            let root = self.stack.get(layer).fd();
-            if path.is_empty() {
-                sys::dup(root)
+            let l = self.stack.get(layer);
+            let fd = if path.is_empty() {
+                sys::dup(l.fd())?
             } else {
-                sys::open_beneath(root, &sys::cstring(path)?, libc::O_PATH | libc::O_DIRECTORY)
-            }
+                sys::open_beneath(
+                    l.fd(),
+                    &sys::cstring(path)?,
+                    libc::O_PATH | libc::O_DIRECTORY,
+                )?
+            };
+            // A read-only layer's listing stays true, so the directory may keep one.
+            Ok(LayerDir::new(fd, !l.writable))
         })
     }
 
