@@ -16,6 +16,7 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
+use crate::caller::Caller;
 use crate::dirmerge::DirEntry;
 use crate::overlay::{Attr, Creator, Inval, Overlay, SetAttr, SetTime};
 use crate::passthrough::{IoModes, OpenMode};
@@ -132,6 +133,9 @@ pub struct StrataFuse {
     ttl: Ttls,
     /// Whether to ask the kernel for FUSE passthrough.
     want_passthrough: bool,
+    /// The kernel leaves dropping set-user-ID, set-group-ID and capabilities to us
+    /// (FUSE_HANDLE_KILLPRIV_V2).
+    kills_setid: bool,
     io: IoModes,
 }
 
@@ -147,6 +151,7 @@ impl StrataFuse {
             stats: None,
             exit_when_done: false,
             want_passthrough: passthrough,
+            kills_setid: false,
             io: IoModes::new(false),
         }
     }
@@ -300,6 +305,22 @@ impl Filesystem for StrataFuse {
             && config.set_max_stack_depth(1).is_ok()
         {
             self.io.set_enabled(true);
+            // Without this, every write syscall costs a round trip: the kernel asks for
+            // `security.capability` before each one (FUSE does not mark its superblock
+            // SB_NOSEC), 11,323 of the 16,907 requests of a 100 MB untar. With it, the
+            // kernel asks once per inode and leaves dropping set-user-ID on writes,
+            // truncates and chowns to us: writes that reach us say when
+            // (FUSE_WRITE_KILL_SUIDGID); other writes come as a setattr that changes
+            // nothing, and truncates as a plain size change, so for both we ask about the
+            // caller (`SetAttr::kill_setid_of`); a real chown drops them by itself. Only
+            // where passthrough is on: there, the daemon is privileged and chowns for real.
+            if self.ov.chowns_for_real()
+                && config
+                    .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+                    .is_ok()
+            {
+                self.kills_setid = true;
+            }
         }
         Ok(())
     }
@@ -335,7 +356,7 @@ impl Filesystem for StrataFuse {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -359,6 +380,7 @@ impl Filesystem for StrataFuse {
             size,
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
+            kill_setid_of: self.kills_setid.then(|| caller(req)),
         };
         match self.ov.setattr(ino.0, &set, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(self.ttl.attr(&a), &file_attr(&a)),
@@ -500,7 +522,7 @@ impl Filesystem for StrataFuse {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -511,8 +533,10 @@ impl Filesystem for StrataFuse {
         reply: ReplyWrite,
     ) {
         self.count(Op::Write);
-        let kill_suid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.ov.write(fh.0, offset, data, kill_suid) {
+        let kill = write_flags
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then(|| caller(req));
+        match self.ov.write(fh.0, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -871,6 +895,13 @@ fn dot_attr(ino: u64) -> FileAttr {
         rdev: 0,
         blksize: 0,
         flags: 0,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        pid: req.pid(),
+        gid: req.gid(),
     }
 }
 

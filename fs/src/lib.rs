@@ -4,6 +4,7 @@
 //! implements and knows nothing of FUSE; [`fuse::StrataFuse`] is the thin adapter, and
 //! [`daemon`] runs a mount the way fuse-overlayfs's callers expect.
 
+pub mod caller;
 pub mod daemon;
 pub mod dirmerge;
 pub mod fasthash;

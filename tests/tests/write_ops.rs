@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use strata_tests::fsops::{lremovexattr, statvfs};
@@ -228,10 +228,7 @@ fn mkdir() {
     let t = twin(&sc);
     t.both_ok("mkdir newdir 0700", |m| {
         fs::create_dir(m.join("newdir"))?;
-        fs::set_permissions(
-            m.join("newdir"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
+        fs::set_permissions(m.join("newdir"), fs::Permissions::from_mode(0o700))
     });
     t.both_ok("mkdir in lower-only dir", |m| {
         fs::create_dir(m.join("ldir/sub2"))
@@ -520,9 +517,7 @@ fn chmod() {
     let t = twin(&sc);
     let before = inos(&t, "lower.txt");
     let dir_before = inos(&t, "ldir");
-    let set = |p: &Path, mode: u32| {
-        fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode))
-    };
+    let set = |p: &Path, mode: u32| fs::set_permissions(p, fs::Permissions::from_mode(mode));
     t.both_ok("chmod lower.txt 4755", |m| {
         set(&m.join("lower.txt"), 0o4755)
     });
@@ -1445,10 +1440,7 @@ fn metadata_only_copy_up() {
         ls[0].file("big.bin", pattern(4 << 20, 4));
     });
     t.both_ok("chmod big.bin", |m| {
-        fs::set_permissions(
-            m.join("big.bin"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
+        fs::set_permissions(m.join("big.bin"), fs::Permissions::from_mode(0o600))
     });
     let md = fs::metadata(t.su("big.bin")).expect("stratafs: metadata copied up");
     assert_eq!(md.mode() & 0o7777, 0o600);
@@ -1482,10 +1474,7 @@ fn metadata_only_copy_up_then_data() {
         strata_tests::fsops::lsetxattr(&m.join("big.bin"), "user.k", b"v")
     });
     t.both_ok("chmod small", |m| {
-        fs::set_permissions(
-            m.join("small"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o640),
-        )
+        fs::set_permissions(m.join("small"), fs::Permissions::from_mode(0o640))
     });
     let ino = |m: &Path| fs::metadata(m.join("big.bin")).map(|md| md.ino());
     let before = ino(&t.s(""));
@@ -1628,5 +1617,176 @@ fn whiteouts_share_one_inode() {
         let top = fs::symlink_metadata(up.join("top.txt")).unwrap();
         assert!(top.is_file() && top.ino() != inos[0], "{side}: top.txt");
     }
+    t.finish();
+}
+
+/// Runs `script` with `sh -c` as `user`; its failure is an error naming the script.
+fn sh_as(user: &TestUser, script: &str) -> io::Result<()> {
+    let out = run_as(user, &["sh", "-c", script]);
+    if out.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{script}: {}",
+            out.stderr_str().trim()
+        )))
+    }
+}
+
+/// As `user`, opens `file` for appending, waits until the caller made `file` set-user-ID
+/// (`make_setid`), then writes through the descriptor it opened before: the write must
+/// still drop the bit.
+fn write_after_late_setid(
+    user: &TestUser,
+    file: &Path,
+    sync: &Path,
+    make_setid: impl FnOnce() -> io::Result<()>,
+) -> io::Result<()> {
+    let (ready, go) = (sync.join("ready"), sync.join("go"));
+    let _ = fs::remove_file(&ready);
+    let _ = fs::remove_file(&go);
+    let script = format!(
+        "exec 3>>'{f}' && touch '{r}' && i=0 && \
+         while [ ! -e '{g}' ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done && \
+         printf late >&3",
+        f = file.display(),
+        r = ready.display(),
+        g = go.display()
+    );
+    let mut child = strata_tests::user::as_user_command(user)
+        .args(["sh", "-c", &script])
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ready.exists() {
+        if std::time::Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other("the writer did not open the file"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let made = make_setid();
+    fs::write(&go, b"")?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            made?;
+            return if status.success() {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!("the writer failed: {status}")))
+            };
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other("the writer did not finish"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn setid_bits_and_capabilities_after_writes_truncates_and_chowns() {
+    let user = ensure_test_user();
+    let sc = Scratch::new();
+    let sync = sc.mkdir("sync");
+    fs::set_permissions(&sync, fs::Permissions::from_mode(0o777)).unwrap();
+    let files: &[(&str, u32)] = &[
+        ("user_write_suid", 0o4777),
+        ("user_write_sgid", 0o2777),
+        ("user_write_sgid_noexec", 0o2766),
+        ("user_write_sgid_noexec_in_group", 0o2766),
+        ("user_write_cap", 0o777),
+        ("user_truncate_suid", 0o6777),
+        ("user_copy_range_suid", 0o4777),
+        ("root_write_suid", 0o4777),
+        ("root_truncate_suid", 0o4777),
+        ("root_write_cap", 0o777),
+        ("chown_suid", 0o6777),
+        ("late_suid", 0o666),
+    ];
+    let t = Twin::new(&sc, 1, |ls| {
+        for &(name, mode) in files {
+            ls[0].file_mode(name, "data\n", mode);
+        }
+        for name in ["user_write_cap", "root_write_cap"] {
+            ls[0].xattr(name, "security.capability", CAP_BYTES);
+        }
+        ls[0].owner("user_write_sgid_noexec_in_group", 0, user.gid);
+    });
+    let p = |m: &Path, rel: &str| m.join(rel).display().to_string();
+    t.both_ok("appends by a user", |m| {
+        for f in [
+            "user_write_suid",
+            "user_write_sgid",
+            "user_write_sgid_noexec",
+            "user_write_sgid_noexec_in_group",
+            "user_write_cap",
+        ] {
+            sh_as(&user, &format!("printf more >> '{}'", p(m, f)))?;
+        }
+        Ok(())
+    });
+    t.both_ok("copy_file_range by a user", |m| {
+        let script = format!(
+            "import os\n\
+             s = os.open('{}', os.O_RDONLY)\n\
+             d = os.open('{}', os.O_WRONLY)\n\
+             os.copy_file_range(s, d, 3, 0, 1)",
+            p(m, "late_suid"),
+            p(m, "user_copy_range_suid")
+        );
+        let out = run_as(&user, &["python3", "-c", &script]);
+        if out.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(out.stderr_str()))
+        }
+    });
+    t.both_ok("truncate by a user", |m| {
+        sh_as(
+            &user,
+            &format!("truncate -s 2 '{}'", p(m, "user_truncate_suid")),
+        )
+    });
+    t.both_ok("append and truncate by root", |m| {
+        append(&m.join("root_write_suid"), b"more")?;
+        append(&m.join("root_write_cap"), b"more")?;
+        fs::OpenOptions::new()
+            .write(true)
+            .open(m.join("root_truncate_suid"))?
+            .set_len(2)
+    });
+    t.both_ok("chown by root", |m| lchown(&m.join("chown_suid"), 7, 8));
+    t.both_ok(
+        "chmod u+s while a user's writer is open, then its write",
+        |m| {
+            let f = m.join("late_suid");
+            write_after_late_setid(&user, &f, &sync, || {
+                fs::set_permissions(&f, fs::Permissions::from_mode(0o4777))
+            })
+        },
+    );
+    for &(name, _) in files {
+        t.both_ok(&format!("stat {name}"), |m| st(&m.join(name)));
+        t.same(&format!("security.capability of {name}"), |m| {
+            strata_tests::fsops::lgetxattr(&m.join(name), "security.capability")
+        });
+    }
+    // What the kernel does, spelled out, so that a change on both sides cannot pass.
+    let mode = |rel: &str| st(&t.k(rel)).unwrap().mode;
+    assert_eq!(mode("user_write_suid"), 0o777);
+    assert_eq!(mode("user_write_sgid"), 0o777);
+    // Without group execution set-group-ID is no privilege, but it still goes for a writer
+    // outside the file's group.
+    assert_eq!(mode("user_write_sgid_noexec"), 0o766);
+    assert_eq!(mode("user_write_sgid_noexec_in_group"), 0o2766);
+    assert_eq!(mode("user_truncate_suid"), 0o777);
+    assert_eq!(mode("user_copy_range_suid"), 0o777);
+    assert_eq!(mode("root_write_suid"), 0o4777);
+    assert_eq!(mode("root_truncate_suid"), 0o4777);
+    assert_eq!(mode("chown_suid"), 0o777);
+    assert_eq!(mode("late_suid"), 0o777);
+    assert!(strata_tests::fsops::lgetxattr(&t.k("user_write_cap"), "security.capability").is_err());
     t.finish();
 }

@@ -251,6 +251,13 @@ impl Overlay {
         }
     }
 
+    /// Whether ownership changes reach the upper layer as real `chown`s, which drop
+    /// set-user-ID and set-group-ID the way the kernel's rules ask: not so when ownership
+    /// is kept in an xattr, or squashed to one owner.
+    pub fn chowns_for_real(&self) -> bool {
+        self.upper.is_some() && self.stack.get(0).stat_override.is_none() && !self.ids.squashing()
+    }
+
     /// Sets the callback told what the kernel must drop from its caches (once; later calls
     /// are ignored). It runs on the thread that made the change, before that thread's
     /// request is answered, so it must not wait for other requests.

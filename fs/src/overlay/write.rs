@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::{join, Attr, Inval, Overlay, OvlResult, Resolved, INDEX_LAYER};
+use crate::caller::Caller;
 use crate::dirmerge;
 use crate::handles::{Handle, OpenFile};
 use crate::inode::{DirLayer, Location, Node};
@@ -41,6 +42,24 @@ pub struct SetAttr {
     pub atime: Option<SetTime>,
     /// New modification time.
     pub mtime: Option<SetTime>,
+    /// Set when the kernel leaves dropping set-user-ID and set-group-ID to us
+    /// (FUSE_HANDLE_KILLPRIV_V2): the caller, whose CAP_FSETID and groups decide. A size
+    /// change then drops them, and so does a request that changes nothing: that is how the
+    /// kernel passes on its `file_remove_privs` before a write it does not send us (a
+    /// passthrough write, `copy_file_range`), and only for callers without CAP_FSETID.
+    pub kill_setid_of: Option<Caller>,
+}
+
+impl SetAttr {
+    /// Whether no attribute changes.
+    fn changes_nothing(&self) -> bool {
+        self.mode.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.size.is_none()
+            && self.atime.is_none()
+            && self.mtime.is_none()
+    }
 }
 
 /// Who creates a new entry.
@@ -750,11 +769,17 @@ impl Overlay {
         })))
     }
 
-    /// Writes `data` at `offset` through handle `fh`; `kill_suid`: the writer lacks
-    /// CAP_FSETID, so the write drops set-user-ID and set-group-ID first.
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suid: bool) -> OvlResult<u32> {
-        if kill_suid {
-            self.kill_suid(fh)?;
+    /// Writes `data` at `offset` through handle `fh`; `kill_setid_of`: the writer, who
+    /// lacks CAP_FSETID, so the write drops set-user-ID and set-group-ID first.
+    pub fn write(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill_setid_of: Option<Caller>,
+    ) -> OvlResult<u32> {
+        if let Some(caller) = kill_setid_of {
+            self.kill_suid(fh, caller)?;
         }
         self.with_writable_fd(fh, |file| {
             file.write_all_at(data, offset)
@@ -763,11 +788,11 @@ impl Overlay {
         Ok(data.len() as u32)
     }
 
-    /// Clears set-user-ID, and set-group-ID where group execution makes it one, as a write
-    /// by a caller without CAP_FSETID does on any filesystem. The kernel does that itself
-    /// before cached writes, but leaves it to us (FUSE_WRITE_KILL_SUIDGID) for writes that
-    /// bypass its cache; and our own write, as root, would keep the bits.
-    fn kill_suid(&self, fh: u64) -> OvlResult<()> {
+    /// Clears set-user-ID and set-group-ID as a write by `caller` without CAP_FSETID does on
+    /// any filesystem (see [`setid_bits_to_kill`]). With FUSE_HANDLE_KILLPRIV_V2 the kernel
+    /// leaves this to us (FUSE_WRITE_KILL_SUIDGID), and our own write, as root, would keep
+    /// them.
+    fn kill_suid(&self, fh: u64, caller: Caller) -> OvlResult<()> {
         let h = self.open_file(fh)?;
         let Handle::File(of) = h.as_ref() else {
             return Err(libc::EISDIR);
@@ -781,10 +806,10 @@ impl Overlay {
         let mut st = sys::stat_fd(of.file.read().1.as_fd())?;
         self.apply_override(&of.node.loc.read(), &mut st);
         let mode = st.st_mode & 0o7777;
-        let mut kill = libc::S_ISUID;
-        if mode & libc::S_IXGRP != 0 {
-            kill |= libc::S_ISGID;
+        if mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+            return Ok(());
         }
+        let kill = setid_bits_to_kill(mode, self.ids.gid.shown(st.st_gid), caller);
         if mode & kill == 0 {
             return Ok(());
         }
@@ -887,14 +912,25 @@ impl Overlay {
             return Ok(n);
         }
         let data = self.read(fh_in, off_in, len.min(1 << 24) as u32)?;
-        // The kernel dropped set-user-ID itself (file_modified) before sending this.
-        self.write(fh_out, off_out, &data, false)
+        // Set-user-ID was dropped before this was sent (`SetAttr::kill_setid_of`).
+        self.write(fh_out, off_out, &data, None)
     }
 
     /// Changes attributes of `ino` (through handle `fh` for the size when given).
     pub fn setattr(&self, ino: u64, set: &SetAttr, fh: Option<u64>) -> OvlResult<Attr> {
         self.upper()?;
         let node = self.node(ino)?;
+        let kill_mode = match set.kill_setid_of {
+            Some(caller) if set.mode.is_none() && (set.size.is_some() || set.changes_nothing()) => {
+                let loc = node.loc.read().clone();
+                self.mode_without_setid(&loc, caller)?
+            }
+            _ => None,
+        };
+        if set.changes_nothing() && kill_mode.is_none() && set.kill_setid_of.is_some() {
+            // Nothing to drop: no copy-up for it.
+            return self.getattr(ino);
+        }
         if set.size.is_some() {
             self.copy_up(&node)?;
         } else {
@@ -921,11 +957,12 @@ impl Overlay {
         }
         let uid = set.uid.map(|u| self.ids.uid.stored(u));
         let gid = set.gid.map(|g| self.ids.gid.stored(g));
+        let mode = set.mode.or(kill_mode);
         if let Some(xname) = self.stack.get(0).stat_override {
-            if uid.is_some() || gid.is_some() || set.mode.is_some() {
+            if uid.is_some() || gid.is_some() || mode.is_some() {
                 let mut st = sys::stat_at(dir.as_fd(), &cname)?;
                 self.apply_override(&loc, &mut st);
-                statoverride::store(xname, dir.as_fd(), &cname, &st, uid, gid, set.mode)?;
+                statoverride::store(xname, dir.as_fd(), &cname, &st, uid, gid, mode)?;
             }
         } else {
             if uid.is_some() || gid.is_some() {
@@ -941,7 +978,7 @@ impl Overlay {
                     r => r?,
                 }
             }
-            if let Some(mode) = set.mode {
+            if let Some(mode) = mode {
                 if node.kind != libc::S_IFLNK {
                     sys::chmod_at(dir.as_fd(), &cname, mode & 0o7777)?;
                 }
@@ -955,6 +992,24 @@ impl Overlay {
             )?;
         }
         self.getattr(ino)
+    }
+
+    /// The permission bits of the object at `loc` as a write or truncate by `caller` leaves
+    /// them (the VFS rule: see [`setid_bits_to_kill`]), or `None` when they do not change.
+    /// Asks about the caller only when there is something to drop.
+    fn mode_without_setid(&self, loc: &Location, caller: Caller) -> OvlResult<Option<u32>> {
+        let (dir, cname) = self.object_at(loc)?;
+        let mut st = sys::stat_at(dir.as_fd(), &cname)?;
+        self.apply_override(loc, &mut st);
+        let mode = st.st_mode & 0o7777;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || mode & (libc::S_ISUID | libc::S_ISGID) == 0
+            || caller.holds_fsetid()
+        {
+            return Ok(None);
+        }
+        let kill = setid_bits_to_kill(mode, self.ids.gid.shown(st.st_gid), caller);
+        Ok((mode & kill != 0).then_some(mode & !kill))
     }
 
     /// Sets xattr `name` of `ino`.
@@ -1006,5 +1061,17 @@ fn pin_lower_paths(l: &mut Location, was: &[u8]) {
             })
             .collect();
         l.set_dir(Some(pinned.into()));
+    }
+}
+
+/// The bits a write or truncate by `caller`, who lacks CAP_FSETID, drops from permission
+/// bits `mode` of a file of group `gid`: set-user-ID, and set-group-ID where group
+/// execution makes it a privilege or the caller is not in the group
+/// (`setattr_should_drop_sgid`).
+fn setid_bits_to_kill(mode: u32, gid: u32, caller: Caller) -> u32 {
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !caller.in_group(gid)) {
+        libc::S_ISUID | libc::S_ISGID
+    } else {
+        libc::S_ISUID
     }
 }
