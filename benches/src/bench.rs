@@ -274,6 +274,8 @@ pub struct Ctx {
     pub manifest: Manifest,
     /// Directory of this run's sessions.
     pub run_dir: PathBuf,
+    /// Where the sessions' writable layers go (see `rwfs`).
+    pub rw_dir: PathBuf,
     /// The worker binary (this executable, or a copy the rootless user can run).
     pub worker_bin: PathBuf,
     /// Workloads to run.
@@ -559,14 +561,15 @@ pub fn session(ctx: &Ctx, imp: &Implementation, rep: usize, out: &mut SessionOut
     let id = imp.kind.id();
     let started = Instant::now();
     let dir = ctx.run_dir.join(format!("{id}-r{rep}"));
+    let layers = ctx.rw_dir.join(format!("{id}-r{rep}"));
     let dirs = Dirs {
         lowers: vec![ctx.manifest.l2.clone(), ctx.manifest.l1.clone()],
-        upper: dir.join("upper"),
-        work: dir.join("work"),
+        upper: layers.join("upper"),
+        work: layers.join("work"),
         mnt: dir.join("mnt"),
     };
     let outdir = dir.join("out");
-    for d in [&dir, &dirs.upper, &dirs.work, &dirs.mnt, &outdir] {
+    for d in [&dir, &layers, &dirs.upper, &dirs.work, &dirs.mnt, &outdir] {
         fs::create_dir_all(d).with_context(|| format!("mkdir {}", d.display()))?;
         if let Some(u) = &imp.user {
             u.chown(d)?;
@@ -597,8 +600,7 @@ pub fn session(ctx: &Ctx, imp: &Implementation, rep: usize, out: &mut SessionOut
     drop(s);
     r?;
     // Upper layers can hold gigabytes; keep only the listings.
-    sys::remove_tree(&dirs.upper)?;
-    sys::remove_tree(&dirs.work)?;
+    sys::remove_tree(&layers)?;
     eprintln!("  session took {:.1} s", started.elapsed().as_secs_f64());
     sys::check_interrupted()
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod mounts;
 mod report;
+mod rwfs;
 mod stack;
 mod sys;
 mod workloads;
@@ -139,9 +140,17 @@ fn run(args: Args) -> Result<ExitCode> {
              processes' /proc); try: sudo -E cargo run --release -p strata-benches --bin strata-bench -- --quick"
         );
     }
-    for tool in ["fio", "tar", "setpriv", "mount", "umount"] {
+    for tool in [
+        "fio",
+        "tar",
+        "setpriv",
+        "mount",
+        "umount",
+        "losetup",
+        "mkfs.ext4",
+    ] {
         if which(tool).is_none() {
-            bail!("{tool} not found on PATH (apt-get install -y fio tar util-linux)");
+            bail!("{tool} not found on PATH (apt-get install -y fio tar util-linux e2fsprogs)");
         }
     }
     let wanted: Vec<Kind> = args
@@ -211,6 +220,8 @@ fn run(args: Args) -> Result<ExitCode> {
     } else {
         me
     };
+    // Two big files (copy-up, sequential write) and the small ones, with room to spare.
+    let rw = rwfs::RwFs::create(&args.scratch, 4 * spec.bigfile_bytes + (4 << 30))?;
     let ctx = Ctx {
         worker_timeout: Duration::from_secs(if args.quick { 180 } else { 1200 }),
         fio_runtime,
@@ -218,6 +229,7 @@ fn run(args: Args) -> Result<ExitCode> {
         checks_first_rep_only: args.quick,
         manifest,
         run_dir: run_dir.clone(),
+        rw_dir: rw.dir.clone(),
         worker_bin,
         selected,
     };
@@ -267,7 +279,7 @@ fn run(args: Args) -> Result<ExitCode> {
     let rows = report::summarize(&all, &out.samples, &impls);
     let leftover: Vec<PathBuf> = mounts::mount_points()
         .into_iter()
-        .filter(|m| m.starts_with(&args.scratch))
+        .filter(|m| m.starts_with(&args.scratch) && *m != rw.dir)
         .collect();
     if !leftover.is_empty() {
         notes.push(format!("mounts left behind: {leftover:?}"));
