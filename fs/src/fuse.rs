@@ -314,6 +314,9 @@ impl Filesystem for StrataFuse {
             // nothing, and truncates as a plain size change, so for both we ask about the
             // caller (`SetAttr::kill_setid_of`); a real chown drops them by itself. Only
             // where passthrough is on: there, the daemon is privileged and chowns for real.
+            // Two corners differ from the kernel: a caller outside our pid namespace counts
+            // as lacking CAP_FSETID, and `chown(f, -1, -1)` by a caller holding it keeps
+            // the bits (the VFS drops them on any chown of a non-directory).
             if self.ov.chowns_for_real()
                 && config
                     .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
