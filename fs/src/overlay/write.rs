@@ -391,7 +391,8 @@ impl Overlay {
         }
         let path = join(&ploc.path, name);
         let layer = self.link_up_before_removal(&path, &r)?;
-        let lower = self.lower_has(&ploc, name)?;
+        // A name found below the upper layer gets a whiteout whatever else is down there.
+        let lower = layer == 0 && self.lower_has(&ploc, name)?;
         let pfd = self.ensure_upper_dir(&ploc.path)?;
         let cname = sys::cstring(name)?;
         self.changing(&[(parent, name)], || {
@@ -464,7 +465,7 @@ impl Overlay {
         if self.dir_has_entries(&child_path, &r.merged)? {
             return Err(libc::ENOTEMPTY);
         }
-        let lower = self.lower_has(&ploc, name)?;
+        let lower = r.layer == 0 && self.lower_has(&ploc, name)?;
         let pfd = self.ensure_upper_dir(&ploc.path)?;
         let cname = sys::cstring(name)?;
         let work = upper.work.as_fd();
