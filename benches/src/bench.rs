@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::mounts::{self, Dirs, Implementation, Kind};
+use crate::requests::{RequestTrace, Requests};
 use crate::stack::Manifest;
 use crate::sys;
 use crate::workloads::{Outcome, Task};
@@ -28,6 +29,8 @@ pub enum Metric {
     Mib,
     /// Bytes of daemon memory per walked inode (no kernel value).
     BytesPerInode,
+    /// Microseconds per operation; a diagnostic with no target, so no ratio.
+    MicrosPerOp,
 }
 
 impl Metric {
@@ -38,6 +41,7 @@ impl Metric {
             Metric::Mbps => "MB/s ↑",
             Metric::Mib => "MiB ↓",
             Metric::BytesPerInode => "B/inode ↓",
+            Metric::MicrosPerOp => "µs/op ↓",
         }
     }
 
@@ -71,6 +75,9 @@ pub struct Workload {
     /// What happens right before it.
     pub prep: Prep,
 }
+
+/// Forced stat calls in `round_trip`.
+const ROUND_TRIPS: usize = 20_000;
 
 /// All workloads in the order a session runs them.
 pub fn catalogue(m: &Manifest, runtime: u64) -> Vec<Workload> {
@@ -116,6 +123,15 @@ pub fn catalogue(m: &Manifest, runtime: u64) -> Vec<Workload> {
             "walk_warm",
             "same walk again, warm".into(),
             Metric::Secs,
+            false,
+        ),
+        w(
+            "round_trip",
+            format!(
+                "{ROUND_TRIPS} stat calls of one file that must ask the filesystem \
+                 (statx AT_STATX_FORCE_SYNC): one GETATTR round trip each, warm"
+            ),
+            Metric::MicrosPerOp,
             false,
         ),
         w(
@@ -248,6 +264,8 @@ pub struct Sample {
     pub outcome: Option<Outcome>,
     /// Daemon CPU time (user + system) spent during the workload, seconds.
     pub daemon_cpu_secs: Option<f64>,
+    /// FUSE requests the kernel sent during the workload.
+    pub requests: Option<Requests>,
     /// What went wrong.
     pub error: Option<String>,
 }
@@ -299,6 +317,15 @@ pub struct SessionOut {
     pub checks: Vec<Check>,
 }
 
+/// What a task cost the daemon.
+#[derive(Debug, Default)]
+struct Cost {
+    /// CPU seconds (user + system).
+    cpu: Option<f64>,
+    /// FUSE requests.
+    requests: Option<Requests>,
+}
+
 /// State of one running session.
 struct Session<'a> {
     ctx: &'a Ctx,
@@ -306,6 +333,8 @@ struct Session<'a> {
     rep: usize,
     outdir: PathBuf,
     mount: mounts::Mount,
+    /// Counts the mount's FUSE requests (none for the kernel, or without tracefs).
+    trace: Option<RequestTrace>,
     workloads: Vec<Workload>,
     task_no: usize,
     last_wall: f64,
@@ -324,7 +353,7 @@ impl Session<'_> {
         workload: &str,
         value: Option<f64>,
         o: Option<Outcome>,
-        cpu: Option<f64>,
+        cost: Cost,
         err: Option<String>,
     ) {
         self.out.samples.push(Sample {
@@ -333,7 +362,8 @@ impl Session<'_> {
             rep: self.rep,
             value,
             outcome: o,
-            daemon_cpu_secs: cpu,
+            daemon_cpu_secs: cost.cpu,
+            requests: cost.requests,
             error: err,
         });
     }
@@ -348,9 +378,8 @@ impl Session<'_> {
         });
     }
 
-    /// Runs `task` in a worker after `prep`; returns its outcome and the daemon CPU time it
-    /// cost.
-    fn run_task(&mut self, name: &str, task: &Task, prep: Prep) -> Result<(Outcome, Option<f64>)> {
+    /// Runs `task` in a worker after `prep`; returns its outcome and what it cost the daemon.
+    fn run_task(&mut self, name: &str, task: &Task, prep: Prep) -> Result<(Outcome, Cost)> {
         sys::check_interrupted()?;
         let wall = Instant::now();
         self.task_no += 1;
@@ -366,11 +395,28 @@ impl Session<'_> {
         }
         let daemon = self.mount.daemon;
         let cpu0 = daemon.and_then(sys::cpu_secs);
+        let tracing = self.trace.as_ref().is_some_and(|t| match t.start() {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("  (requests not counted: {e:#})");
+                false
+            }
+        });
         let r = run_worker(self.ctx, self.imp, &spec_path);
         let cpu1 = daemon.and_then(sys::cpu_secs);
-        let cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
+        let requests = match (&self.trace, tracing) {
+            (Some(t), true) => t
+                .stop()
+                .map_err(|e| eprintln!("  (requests not counted: {e:#})"))
+                .ok(),
+            _ => None,
+        };
+        let cost = Cost {
+            cpu: cpu0.zip(cpu1).map(|(a, b)| b - a),
+            requests,
+        };
         self.last_wall = wall.elapsed().as_secs_f64();
-        r.map(|o| (o, cpu))
+        r.map(|o| (o, cost))
     }
 
     /// Runs a workload if selected and records it.
@@ -383,23 +429,25 @@ impl Session<'_> {
             .map(|w| (w.prep, w.metric))
             .unwrap_or((Prep::None, Metric::Secs));
         match self.run_task(name, &task, prep) {
-            Ok((o, cpu)) => {
+            Ok((o, cost)) => {
                 let value = match metric {
                     Metric::Mbps => o.mbps,
+                    Metric::MicrosPerOp => Some(o.secs * 1e6 / o.count.max(1) as f64),
                     _ => Some(o.secs),
                 };
                 let shown = match metric {
                     Metric::Mbps => format!("{:.0} MB/s", value.unwrap_or(0.0)),
+                    Metric::MicrosPerOp => format!("{:.1} µs/op", value.unwrap_or(0.0)),
                     _ => format!("{:.3} s", o.secs),
                 };
                 eprintln!("  {name:<17} {shown:<12} [step {:.1} s]", self.last_wall);
-                self.sample(name, value, Some(o.clone()), cpu, None);
+                self.sample(name, value, Some(o.clone()), cost, None);
                 Some(o)
             }
             Err(e) => {
                 let msg = format!("{e:#}");
                 eprintln!("  {name:<17} ERROR {msg}");
-                self.sample(name, None, None, None, Some(msg));
+                self.sample(name, None, None, Cost::default(), Some(msg));
                 None
             }
         }
@@ -453,10 +501,16 @@ impl Session<'_> {
                 let inodes = (o.count + 1) as f64;
                 let mib = rss as f64 / 1048576.0;
                 if self.selected("rss_after_walk") {
-                    self.sample("rss_after_walk", Some(mib), None, None, None);
+                    self.sample("rss_after_walk", Some(mib), None, Cost::default(), None);
                 }
                 if self.selected("rss_per_inode") {
-                    self.sample("rss_per_inode", Some(rss as f64 / inodes), None, None, None);
+                    self.sample(
+                        "rss_per_inode",
+                        Some(rss as f64 / inodes),
+                        None,
+                        Cost::default(),
+                        None,
+                    );
                 }
                 eprintln!(
                     "  rss after walk    {mib:.1} MiB ({:.0} B/inode)",
@@ -475,6 +529,11 @@ impl Session<'_> {
         if let Some(o) = self.measure("walk_warm", task) {
             self.check("walk", o.digest.unwrap_or_default(), None);
         }
+        let task = Task::StatSync {
+            file: at(&man.bigfile),
+            count: ROUND_TRIPS,
+        };
+        self.measure("round_trip", task);
         let task = Task::ParallelWalk {
             root: root.clone(),
             threads: 4,
@@ -579,12 +638,19 @@ pub fn session(ctx: &Ctx, imp: &Implementation, rep: usize, out: &mut SessionOut
     unsafe { libc::sync() };
     let mount = mounts::mount(imp, &dirs, &dir.join("daemon.log"))?;
     eprintln!("  mount             {:.3} s", mount.mount_secs);
+    let trace = match mount.daemon {
+        Some(_) => RequestTrace::new(&mount.mnt)
+            .map_err(|e| eprintln!("  (requests not counted: {e:#})"))
+            .ok(),
+        None => None,
+    };
     let mut s = Session {
         ctx,
         imp,
         rep,
         outdir,
         mount,
+        trace,
         workloads: catalogue(&ctx.manifest, ctx.fio_runtime),
         task_no: 0,
         last_wall: 0.0,
@@ -593,7 +659,7 @@ pub fn session(ctx: &Ctx, imp: &Implementation, rep: usize, out: &mut SessionOut
     };
     if s.selected("mount") {
         let v = s.mount.mount_secs;
-        s.sample("mount", Some(v), None, None, None);
+        s.sample("mount", Some(v), None, Cost::default(), None);
     }
     s.run_all();
     let r = s.mount.unmount();

@@ -4,6 +4,7 @@
 mod bench;
 mod mounts;
 mod report;
+mod requests;
 mod rwfs;
 mod stack;
 mod sys;

@@ -45,8 +45,88 @@ pub struct Row {
     pub ratio_to_kernel: BTreeMap<String, f64>,
     /// Median daemon CPU seconds per implementation id.
     pub daemon_cpu_secs: BTreeMap<String, f64>,
+    /// FUSE requests per implementation id, medians over the repetitions.
+    pub requests: BTreeMap<String, RequestCounts>,
     /// Failed samples per implementation id.
     pub errors: BTreeMap<String, usize>,
+}
+
+/// Medians of the FUSE requests one workload made an implementation's daemon answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestCounts {
+    /// All requests.
+    pub total: f64,
+    /// By opcode name.
+    pub by_op: BTreeMap<String, f64>,
+    /// Some repetition lost events: the counts are lower bounds.
+    pub lost: bool,
+}
+
+impl RequestCounts {
+    fn of(samples: &[&Sample]) -> Option<RequestCounts> {
+        let reqs: Vec<_> = samples.iter().filter_map(|s| s.requests.as_ref()).collect();
+        let total: Vec<f64> = reqs.iter().map(|r| r.total as f64).collect();
+        let mut ops: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for r in &reqs {
+            for op in r.by_op.keys() {
+                ops.entry(op).or_default();
+            }
+        }
+        for (op, v) in ops.iter_mut() {
+            // A repetition without the opcode counts as zero of it.
+            v.extend(
+                reqs.iter()
+                    .map(|r| r.by_op.get(*op).copied().unwrap_or(0) as f64),
+            );
+        }
+        Some(RequestCounts {
+            total: median(&total)?,
+            by_op: ops
+                .into_iter()
+                .filter_map(|(op, v)| Some((op.to_string(), median(&v)?)))
+                .collect(),
+            lost: reqs.iter().any(|r| r.lost),
+        })
+    }
+
+    /// `12,345` (`≥` in front when events were lost).
+    fn shown_total(&self) -> String {
+        format!(
+            "{}{}",
+            if self.lost { "≥" } else { "" },
+            thousands(self.total)
+        )
+    }
+
+    /// The biggest opcodes, `LOOKUP 20,000 · CREATE 20,000 · ...`.
+    fn mix(&self, most: usize) -> String {
+        let mut ops: Vec<(&String, &f64)> = self.by_op.iter().filter(|(_, v)| **v >= 1.0).collect();
+        ops.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+        let mut parts: Vec<String> = ops
+            .iter()
+            .take(most)
+            .map(|(op, v)| format!("{op} {}", thousands(**v)))
+            .collect();
+        if ops.len() > most {
+            let rest: f64 = ops[most..].iter().map(|(_, v)| **v).sum();
+            parts.push(format!("other {}", thousands(rest)));
+        }
+        parts.join(" · ")
+    }
+}
+
+/// `12345.0` as `12,345`.
+fn thousands(v: f64) -> String {
+    let n = v.round() as u64;
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Builds the rows from the samples.
@@ -66,6 +146,7 @@ pub fn summarize(workloads: &[Workload], samples: &[Sample], impls: &[Implementa
             range: BTreeMap::new(),
             ratio_to_kernel: BTreeMap::new(),
             daemon_cpu_secs: BTreeMap::new(),
+            requests: BTreeMap::new(),
             errors: BTreeMap::new(),
         };
         let mut any = false;
@@ -86,6 +167,9 @@ pub fn summarize(workloads: &[Workload], samples: &[Sample], impls: &[Implementa
             let cpu: Vec<f64> = of.iter().filter_map(|s| s.daemon_cpu_secs).collect();
             if let Some(c) = median(&cpu) {
                 row.daemon_cpu_secs.insert(id.into(), c);
+            }
+            if let Some(r) = RequestCounts::of(&of) {
+                row.requests.insert(id.into(), r);
             }
             let errs = of.iter().filter(|s| s.error.is_some()).count();
             if errs > 0 {
@@ -270,6 +354,38 @@ impl Report<'_> {
                     let _ = write!(s, " {cell} |");
                 }
                 s.push('\n');
+            }
+        }
+
+        // Requests.
+        if !fuse.is_empty() && self.rows.iter().any(|r| !r.requests.is_empty()) {
+            s.push_str(
+                "\nFUSE requests the kernel sent per workload (median; from the `fuse:fuse_request_send` tracepoint), with stratafs's biggest opcodes:\n\n| workload |",
+            );
+            for i in &fuse {
+                let _ = write!(s, " {} |", i.label);
+            }
+            s.push_str(" stratafs mix |\n|---|");
+            for _ in &fuse {
+                s.push_str("---:|");
+            }
+            s.push_str("---|\n");
+            for r in self.rows.iter().filter(|r| !r.requests.is_empty()) {
+                let _ = write!(s, "| {} |", r.workload);
+                for i in &fuse {
+                    let cell = r
+                        .requests
+                        .get(i.kind.id())
+                        .map(RequestCounts::shown_total)
+                        .unwrap_or_else(|| "—".into());
+                    let _ = write!(s, " {cell} |");
+                }
+                let mix = r
+                    .requests
+                    .get(Kind::Stratafs.id())
+                    .map(|c| c.mix(4))
+                    .unwrap_or_default();
+                let _ = writeln!(s, " {mix} |");
             }
         }
 

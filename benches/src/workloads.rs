@@ -4,8 +4,10 @@
 //! process start.
 
 use std::collections::VecDeque;
+use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -36,6 +38,13 @@ pub enum Task {
         root: PathBuf,
         /// Walker threads.
         threads: usize,
+    },
+    /// `count` stat calls of one file that bypass the kernel's attribute cache.
+    StatSync {
+        /// The file (stat once untimed first, so its lookup is not counted).
+        file: PathBuf,
+        /// Calls.
+        count: usize,
     },
     /// Reading one directory's names (getdents only).
     Readdir {
@@ -162,6 +171,7 @@ pub fn run(task: &Task) -> Result<Outcome> {
             })
         }
         Task::ParallelWalk { root, threads } => parallel_walk(root, *threads),
+        Task::StatSync { file, count } => stat_sync(file, *count),
         Task::Readdir { dir } => timed(|| {
             let mut n = 0;
             for e in fs::read_dir(dir).with_context(|| format!("opendir {}", dir.display()))? {
@@ -294,6 +304,37 @@ pub fn run(task: &Task) -> Result<Outcome> {
             })
         }
     }
+}
+
+/// `statx(AT_STATX_FORCE_SYNC)` of `file`, `count` times: on FUSE, one GETATTR each.
+fn stat_sync(file: &Path, count: usize) -> Result<Outcome> {
+    let c = CString::new(file.as_os_str().as_bytes())
+        .with_context(|| format!("NUL in {}", file.display()))?;
+    let call = |flags: i32| {
+        // SAFETY: `c` is a valid C string and `st` a writable statx buffer.
+        let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::statx(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW | flags,
+                libc::STATX_BASIC_STATS,
+                &mut st,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("statx {}", file.display()));
+        }
+        Ok(())
+    };
+    call(0)?;
+    timed(|| {
+        for _ in 0..count {
+            call(libc::AT_STATX_FORCE_SYNC)?;
+        }
+        Ok((count as u64, 0))
+    })
 }
 
 /// Times `f`, which returns (count, bytes).
