@@ -95,6 +95,22 @@ pub fn connect_invalidations(ov: &Overlay, notifier: Notifier, stats: Option<Arc
             tracing::warn!(error = %e, "no thread for name invalidations");
         }
     }
+    {
+        let notifier = notifier.clone();
+        let stats = stats.clone();
+        ov.set_page_store(move |ino, data| {
+            if let Some(s) = &stats {
+                s.bump(Op::NotifyStore);
+            }
+            match notifier.store(INodeNo(ino), 0, data) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(ino, error = %e, "page store not delivered");
+                    false
+                }
+            }
+        });
+    }
     let names_tx = parking_lot::Mutex::new(names_tx);
     ov.set_invalidator(move |what| {
         // Attributes and listings are dropped at once, before the request that changed them

@@ -6,7 +6,7 @@
 //! forgot it and we dropped the node), hard links inside a layer share one number, and a
 //! later copy-up can keep the number by remembering the origin's identity.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -280,6 +280,8 @@ pub struct Node {
     pub loc: RwLock<Location>,
     /// Serialises copy-up of this node (and changes of its location).
     pub copy_lock: parking_lot::Mutex<()>,
+    /// The kernel was handed this file's contents at an open (see `overlay::prefill`).
+    pub cache_filled: AtomicBool,
     /// For a directory: counts changes of its merged listing, so that an open handle can
     /// tell that its snapshot of the listing is older than the directory.
     pub listing_gen: AtomicU64,
@@ -294,6 +296,7 @@ impl Node {
             lookups: AtomicU64::new(0),
             loc: RwLock::new(loc),
             copy_lock: parking_lot::Mutex::new(()),
+            cache_filled: AtomicBool::new(false),
             listing_gen: AtomicU64::new(0),
         }
     }

@@ -63,6 +63,7 @@ ops! {
     // Not requests: notifications the daemon sent to the kernel.
     NotifyInvalInode => "notify_inval_inode",
     NotifyInvalEntry => "notify_inval_entry",
+    NotifyStore => "notify_store",
 }
 
 /// Per-opcode request counts.

@@ -442,8 +442,18 @@ pub fn run_stratafs<S: AsRef<OsStr>>(args: &[S]) -> CmdOutput {
 /// Runs `stratafs ARGS...` in daemon mode; the last argument is the mount point. Ok only when
 /// it exits 0; on failure anything it left mounted is cleaned up and the output returned.
 pub fn mount_stratafs<S: AsRef<OsStr>>(args: &[S]) -> Result<MountGuard, CmdOutput> {
+    mount_stratafs_env(args, &[])
+}
+
+/// [`mount_stratafs`] with extra environment variables for the daemon.
+fn mount_stratafs_env<S: AsRef<OsStr>>(
+    args: &[S],
+    envs: &[(String, String)],
+) -> Result<MountGuard, CmdOutput> {
     let mnt = PathBuf::from(args.last().expect("mount point argument").as_ref());
-    let out = run_stratafs(args);
+    let mut c = cmd::command(stratafs_bin(), args);
+    c.envs(envs.iter().map(|(k, v)| (k, v)));
+    let out = run_timeout(&mut c, MOUNT_TIMEOUT);
     if out.success() {
         Ok(MountGuard::fuse(&mnt))
     } else {
@@ -459,6 +469,7 @@ pub struct Strata {
     upper: Option<(PathBuf, PathBuf)>,
     opts: Vec<String>,
     flags: Vec<String>,
+    envs: Vec<(String, String)>,
 }
 
 impl Strata {
@@ -479,6 +490,13 @@ impl Strata {
     /// Adds an extra `-o` option.
     pub fn opt(mut self, o: &str) -> Self {
         self.opts.push(o.to_string());
+        self
+    }
+
+    /// Sets an environment variable for the daemon (`STRATAFS_STATS`, ...).
+    pub fn env(mut self, key: &str, value: impl AsRef<OsStr>) -> Self {
+        let value = value.as_ref().to_string_lossy().into_owned();
+        self.envs.push((key.to_string(), value));
         self
     }
 
@@ -516,7 +534,7 @@ impl Strata {
         if std::env::var_os("STRATA_E2E_FOREGROUND").is_some_and(|v| v != "0") {
             return self.mount_foreground(mnt);
         }
-        mount_stratafs(&self.args(mnt))
+        mount_stratafs_env(&self.args(mnt), &self.envs)
     }
 
     fn mount_foreground(&self, mnt: &Path) -> Result<MountGuard, CmdOutput> {
@@ -524,6 +542,7 @@ impl Strata {
         let mut c = Command::new(stratafs_bin());
         c.arg("-f")
             .args(self.args(mnt))
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .process_group(0);

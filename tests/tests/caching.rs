@@ -6,11 +6,14 @@
 //! stack.
 
 use std::fs;
-use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::time::Duration;
 
 use strata_tests::fsops::{drop_caches, read_dir_raw, DirStream};
+use strata_tests::mount::signal;
 use strata_tests::writes::*;
 use strata_tests::*;
 
@@ -359,5 +362,144 @@ fn a_stream_read_across_a_change_leaves_no_stale_listing() {
     // Whatever the old stream read must not have become what later streams see.
     t.both_ok("list d after both streams", |m| listing(&m.join("d")));
     t.both_ok("list d once more", |m| listing(&m.join("d")));
+    t.finish();
+}
+
+/// The counts of the `nth` (from 1) line of a `STRATAFS_STATS` file labelled `label`, once
+/// that line is there: `key=N` pairs (a count the line leaves out is 0).
+fn stat_line(file: &Path, label: &str, nth: usize) -> Vec<(String, u64)> {
+    let want = format!("stratafs requests ({label}):");
+    let mut line = None;
+    let found = wait_for(Duration::from_secs(10), || {
+        line = fs::read_to_string(file).ok().and_then(|s| {
+            s.lines()
+                .filter(|l| l.starts_with(&want))
+                .nth(nth - 1)
+                .map(String::from)
+        });
+        line.is_some()
+    });
+    assert!(found, "no {want:?} line {nth} in {}", file.display());
+    line.unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+fn count(line: &[(String, u64)], key: &str) -> u64 {
+    line.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v)
+}
+
+/// A small lower file comes with its open (the daemon stores its contents in the kernel's
+/// page cache): reading it whole sends no READ, and a later stat no GETATTR for the atime
+/// a READ would have dropped. A file above the limit is read with READs.
+#[test]
+fn small_lower_files_are_read_without_read_requests() {
+    let sc = Scratch::new();
+    let lower = sc.layer("lower");
+    let big = pattern(300 * 1024, 3);
+    let name = |i: usize| format!("many/f{i:02}");
+    for i in 0..40 {
+        lower.file(name(i), format!("file {i}\n").repeat(i * 50 + 1));
+    }
+    lower.file("big", &big);
+    let (up, work, mnt) = (sc.mkdir("upper"), sc.mkdir("work"), sc.mkdir("mnt"));
+    let stats = sc.join("stats");
+    let mut g = Strata::new(&[lower.root()])
+        .upper(&up, &work)
+        .env("STRATAFS_STATS", &stats)
+        .mount(&mnt);
+    for i in 0..40 {
+        fs::metadata(mnt.join(name(i))).unwrap();
+    }
+    signal(g.daemon_pid(), libc::SIGUSR1);
+    let before = stat_line(&stats, "SIGUSR1", 1);
+    for i in 0..40 {
+        let p = mnt.join(name(i));
+        assert_eq!(
+            fs::read(&p).unwrap(),
+            fs::read(lower.path(name(i))).unwrap()
+        );
+        fs::metadata(&p).unwrap();
+    }
+    signal(g.daemon_pid(), libc::SIGUSR1);
+    let after = stat_line(&stats, "SIGUSR1", 2);
+    let diff = |key| count(&after, key) - count(&before, key);
+    assert_eq!(diff("notify_store"), 40, "files stored at open");
+    assert_eq!(diff("open"), 40);
+    assert_eq!(diff("read"), 0, "READs for small files");
+    assert_eq!(diff("getattr"), 0, "GETATTRs after reads");
+    assert_eq!(fs::read(mnt.join("big")).unwrap(), big);
+    g.unmount().unwrap();
+    let end = stat_line(&stats, "unmount", 1);
+    assert_eq!(count(&end, "notify_store"), 40);
+    assert!(count(&end, "read") > 0, "the big file is read with READs");
+}
+
+/// Whatever changes a small lower file after its contents went to the kernel with an open
+/// (a writer while the reader is still open, a truncate by name, an append, a chmod and
+/// then a write) is what the reads show, as on kernel overlayfs.
+#[test]
+fn small_lower_files_given_at_open_never_go_stale() {
+    let sc = Scratch::new();
+    let t = Twin::new(&sc, 1, |ls| {
+        ls[0]
+            .file("held", "held by a reader\n")
+            .file("trunc", "to be truncated by name\n")
+            .file("append", "appended to\n")
+            .file("mode", "chmod, then written\n");
+    });
+    let read = |rel: &'static str| move |m: &Path| fs::read(m.join(rel));
+    for rel in ["held", "trunc", "append", "mode"] {
+        t.both_ok(&format!("read {rel}"), read(rel));
+    }
+    // A reader stays open across a copy-up and a write through another open.
+    let readers: Vec<fs::File> = [t.k("held"), t.s("held")]
+        .iter()
+        .map(|p| fs::File::open(p).unwrap())
+        .collect();
+    t.both_ok("write held", |m| {
+        let f = fs::OpenOptions::new().write(true).open(m.join("held"))?;
+        f.write_all_at(b"HELD", 0)
+    });
+    let seen: Vec<Vec<u8>> = readers
+        .iter()
+        .map(|f| {
+            let mut b = vec![0u8; 64];
+            let n = f.read_at(&mut b, 0).unwrap();
+            b.truncate(n);
+            b
+        })
+        .collect();
+    assert_eq!(seen[0], b"HELD by a reader\n", "kernel overlayfs");
+    assert_eq!(seen[1], seen[0], "the reader opened before the write");
+    drop(readers);
+    t.both_ok("read held again", read("held"));
+    t.both_ok("truncate trunc by name", |m| {
+        let c = std::ffi::CString::new(m.join("trunc").into_os_string().into_vec()).unwrap();
+        // SAFETY: a valid C string.
+        match unsafe { libc::truncate(c.as_ptr(), 5) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    });
+    t.both_ok("size of trunc", |m| {
+        fs::metadata(m.join("trunc")).map(|md| md.len())
+    });
+    t.both_ok("read trunc", read("trunc"));
+    t.both_ok("append", |m| {
+        let mut f = fs::OpenOptions::new().append(true).open(m.join("append"))?;
+        f.write_all(b"and more\n")
+    });
+    t.both_ok("read append", read("append"));
+    t.both_ok("chmod mode", |m| {
+        fs::set_permissions(m.join("mode"), fs::Permissions::from_mode(0o600))
+    });
+    t.both_ok("write mode", |m| {
+        let f = fs::OpenOptions::new().write(true).open(m.join("mode"))?;
+        f.write_all_at(b"CHMOD", 0)
+    });
+    t.both_ok("read mode", read("mode"));
     t.finish();
 }

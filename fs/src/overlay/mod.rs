@@ -7,6 +7,7 @@
 
 mod copyup;
 mod lookahead;
+mod prefill;
 mod write;
 
 pub use write::{Creator, SetAttr, SetTime};
@@ -122,6 +123,8 @@ pub struct Overlay {
     hides_override: bool,
     /// Told about objects whose attributes changed behind the kernel's back.
     invalidator: std::sync::OnceLock<Invalidator>,
+    /// Takes small lower files into the kernel's page cache at open.
+    page_store: std::sync::OnceLock<prefill::PageStore>,
 }
 
 /// What the kernel must drop from its caches because it changed without a request that the
@@ -196,6 +199,7 @@ impl Overlay {
             ids: opts.ids,
             volatile: opts.volatile,
             invalidator: std::sync::OnceLock::new(),
+            page_store: std::sync::OnceLock::new(),
         };
         let mut dirs = Vec::new();
         for (i, layer) in ov.stack.layers().iter().enumerate() {
@@ -747,9 +751,11 @@ impl Overlay {
         // own read-ahead must keep the disk busy ahead of those READs, so it gets the widest
         // window (random readers are still detected and not read ahead for).
         sys::advise_sequential(fd.as_fd());
+        let file = File::from(fd);
+        self.prefill(&node, &file, flags);
         Ok(self.handles.insert(Handle::File(OpenFile {
             node,
-            file: parking_lot::RwLock::new((loc.data_layer(), File::from(fd))),
+            file: parking_lot::RwLock::new((loc.data_layer(), file)),
             writable: false,
         })))
     }
