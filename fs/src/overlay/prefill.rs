@@ -29,7 +29,7 @@ use crate::sys;
 /// this much (its read-ahead window), so a file this small is read whole either way.
 pub const MAX_PREFILL: u64 = 128 * 1024;
 
-/// Puts bytes into the kernel's page cache of inode `.0` from offset 0; false when the
+/// Puts bytes into the kernel's page cache of the given inode from offset 0; false when the
 /// kernel did not take them.
 type StoreFn = dyn Fn(u64, &[u8]) -> bool + Send + Sync;
 
