@@ -102,12 +102,8 @@ pub fn connect_invalidations(ov: &Overlay, notifier: Notifier, stats: Option<Arc
             if let Some(s) = &stats {
                 s.bump(Op::NotifyStore);
             }
-            match notifier.store(INodeNo(ino), 0, data) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::debug!(ino, error = %e, "page store not delivered");
-                    false
-                }
+            if let Err(e) = notifier.store(INodeNo(ino), 0, data) {
+                tracing::debug!(ino, error = %e, "page store not delivered");
             }
         });
     }

@@ -280,8 +280,9 @@ pub struct Node {
     pub loc: RwLock<Location>,
     /// Serialises copy-up of this node (and changes of its location).
     pub copy_lock: parking_lot::Mutex<()>,
-    /// The kernel was handed this file's contents at an open (see `overlay::prefill`).
-    pub cache_filled: AtomicBool,
+    /// An open already decided whether to hand the kernel this file's contents (see
+    /// `overlay::prefill`).
+    pub prefill_considered: AtomicBool,
     /// For a directory: counts changes of its merged listing, so that an open handle can
     /// tell that its snapshot of the listing is older than the directory.
     pub listing_gen: AtomicU64,
@@ -296,7 +297,7 @@ impl Node {
             lookups: AtomicU64::new(0),
             loc: RwLock::new(loc),
             copy_lock: parking_lot::Mutex::new(()),
-            cache_filled: AtomicBool::new(false),
+            prefill_considered: AtomicBool::new(false),
             listing_gen: AtomicU64::new(0),
         }
     }

@@ -14,8 +14,9 @@
 //! A lower file's contents cannot change without a copy-up first, and a copy-up swaps the
 //! node's location under its `copy_lock`. Storing with that lock held, for a node still
 //! in a lower layer, so never puts older contents over newer ones: every change to the
-//! file reaches the kernel after the store. Each node is stored once; pages the kernel
-//! evicts later are read with READs as before.
+//! file reaches the kernel after the store. Each node is considered once, at its first
+//! buffered read-only open (a lower file's size and layer do not change, and an upper file
+//! never goes back down); pages the kernel evicts later are read with READs as before.
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
@@ -29,9 +30,9 @@ use crate::sys;
 /// this much (its read-ahead window), so a file this small is read whole either way.
 pub const MAX_PREFILL: u64 = 128 * 1024;
 
-/// Puts bytes into the kernel's page cache of the given inode from offset 0; false when the
-/// kernel did not take them.
-type StoreFn = dyn Fn(u64, &[u8]) -> bool + Send + Sync;
+/// Puts bytes into the kernel's page cache of the given inode from offset 0 (a store the
+/// kernel refuses only costs the READs it would have saved).
+type StoreFn = dyn Fn(u64, &[u8]) + Send + Sync;
 
 /// Where small lower files go at open (see [`Overlay::set_page_store`]).
 pub struct PageStore(Box<StoreFn>);
@@ -45,22 +46,25 @@ impl std::fmt::Debug for PageStore {
 impl Overlay {
     /// Sets where small lower files go at open (see the module documentation); without
     /// it, they are read with READs.
-    pub fn set_page_store(&self, f: impl Fn(u64, &[u8]) -> bool + Send + Sync + 'static) {
+    pub fn set_page_store(&self, f: impl Fn(u64, &[u8]) + Send + Sync + 'static) {
         let _ = self.page_store.set(PageStore(Box::new(f)));
     }
 
     /// Stores the contents of `file`, just opened read-only on `node`'s lower copy with
-    /// `flags`, in the kernel's page cache if it is small and not stored before.
+    /// `flags`, in the kernel's page cache if it is small and the node was not considered
+    /// before.
     pub(super) fn prefill(&self, node: &Node, file: &std::fs::File, flags: i32) {
         let Some(store) = self.page_store.get() else {
             return;
         };
         // O_DIRECT reads skip the page cache.
-        if flags & libc::O_DIRECT != 0 || node.cache_filled.load(Ordering::Relaxed) {
+        if flags & libc::O_DIRECT != 0 || node.prefill_considered.load(Ordering::Relaxed) {
             return;
         }
         let _copy = node.copy_lock.lock();
-        if node.loc.read().data_layer() == 0 || node.cache_filled.load(Ordering::Relaxed) {
+        if node.prefill_considered.swap(true, Ordering::Relaxed)
+            || node.loc.read().data_layer() == 0
+        {
             return;
         }
         let Ok(st) = sys::stat_fd(file.as_fd()) else {
@@ -71,17 +75,8 @@ impl Overlay {
             return;
         }
         let mut buf = vec![0u8; size as usize];
-        let mut got = 0;
-        while got < buf.len() {
-            match file.read_at(&mut buf[got..], got as u64) {
-                Ok(0) => return,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-        }
-        if (store.0)(node.ino, &buf) {
-            node.cache_filled.store(true, Ordering::Relaxed);
+        if file.read_exact_at(&mut buf, 0).is_ok() {
+            (store.0)(node.ino, &buf);
         }
     }
 }
