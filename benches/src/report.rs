@@ -209,6 +209,52 @@ fn fmt_value(metric: &str, v: f64) -> String {
     }
 }
 
+/// A text column after the implementations' columns: its heading and its cell of a row.
+type ExtraColumn<'f> = (&'f str, &'f dyn Fn(&Row) -> String);
+
+/// A markdown table under `title`: one row per `rows`, one column per implementation in
+/// `fuse` (`cell` of the row and the implementation's id, "—" when absent), and an `extra`
+/// text column; nothing when there are no implementations or rows.
+fn per_fuse_table<'a>(
+    s: &mut String,
+    title: &str,
+    fuse: &[&Implementation],
+    rows: impl Iterator<Item = &'a Row>,
+    cell: impl Fn(&Row, &str) -> Option<String>,
+    extra: Option<ExtraColumn<'_>>,
+) {
+    let mut rows = rows.peekable();
+    if fuse.is_empty() || rows.peek().is_none() {
+        return;
+    }
+    let _ = write!(s, "{title}\n| workload |");
+    for i in fuse {
+        let _ = write!(s, " {} |", i.label);
+    }
+    if let Some((head, _)) = extra {
+        let _ = write!(s, " {head} |");
+    }
+    s.push_str("\n|---|");
+    for _ in fuse {
+        s.push_str("---:|");
+    }
+    if extra.is_some() {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for r in rows {
+        let _ = write!(s, "| {} |", r.workload);
+        for i in fuse {
+            let c = cell(r, i.kind.id()).unwrap_or_else(|| "—".into());
+            let _ = write!(s, " {c} |");
+        }
+        if let Some((_, f)) = extra {
+            let _ = write!(s, " {} |", f(r));
+        }
+        s.push('\n');
+    }
+}
+
 /// Everything the report needs.
 pub struct Report<'a> {
     /// Quick or full.
@@ -329,65 +375,29 @@ impl Report<'_> {
             let _ = writeln!(s, "- `{}`: {}", r.workload, r.description);
         }
 
-        // Daemon CPU.
+        // Daemon CPU and requests, FUSE implementations only.
         let fuse: Vec<&Implementation> = others.clone();
-        if !fuse.is_empty() && self.rows.iter().any(|r| !r.daemon_cpu_secs.is_empty()) {
-            s.push_str(
-                "\nDaemon CPU time (user + system, s, median) per workload:\n\n| workload |",
-            );
-            for i in &fuse {
-                let _ = write!(s, " {} |", i.label);
-            }
-            s.push_str("\n|---|");
-            for _ in &fuse {
-                s.push_str("---:|");
-            }
-            s.push('\n');
-            for r in self.rows.iter().filter(|r| !r.daemon_cpu_secs.is_empty()) {
-                let _ = write!(s, "| {} |", r.workload);
-                for i in &fuse {
-                    let cell = r
-                        .daemon_cpu_secs
-                        .get(i.kind.id())
-                        .map(|v| format!("{v:.2}"))
-                        .unwrap_or_else(|| "—".into());
-                    let _ = write!(s, " {cell} |");
-                }
-                s.push('\n');
-            }
-        }
-
-        // Requests.
-        if !fuse.is_empty() && self.rows.iter().any(|r| !r.requests.is_empty()) {
-            s.push_str(
-                "\nFUSE requests the kernel sent per workload (median; from the `fuse:fuse_request_send` tracepoint), with stratafs's biggest opcodes:\n\n| workload |",
-            );
-            for i in &fuse {
-                let _ = write!(s, " {} |", i.label);
-            }
-            s.push_str(" stratafs mix |\n|---|");
-            for _ in &fuse {
-                s.push_str("---:|");
-            }
-            s.push_str("---|\n");
-            for r in self.rows.iter().filter(|r| !r.requests.is_empty()) {
-                let _ = write!(s, "| {} |", r.workload);
-                for i in &fuse {
-                    let cell = r
-                        .requests
-                        .get(i.kind.id())
-                        .map(RequestCounts::shown_total)
-                        .unwrap_or_else(|| "—".into());
-                    let _ = write!(s, " {cell} |");
-                }
-                let mix = r
-                    .requests
+        per_fuse_table(
+            &mut s,
+            "\nDaemon CPU time (user + system, s, median) per workload:\n",
+            &fuse,
+            self.rows.iter().filter(|r| !r.daemon_cpu_secs.is_empty()),
+            |r, id| r.daemon_cpu_secs.get(id).map(|v| format!("{v:.2}")),
+            None,
+        );
+        per_fuse_table(
+            &mut s,
+            "\nFUSE requests the kernel sent per workload (median; from the `fuse:fuse_request_send` tracepoint), with stratafs's biggest opcodes:\n",
+            &fuse,
+            self.rows.iter().filter(|r| !r.requests.is_empty()),
+            |r, id| r.requests.get(id).map(RequestCounts::shown_total),
+            Some(("stratafs mix", &|r: &Row| {
+                r.requests
                     .get(Kind::Stratafs.id())
                     .map(|c| c.mix(4))
-                    .unwrap_or_default();
-                let _ = writeln!(s, " {mix} |");
-            }
-        }
+                    .unwrap_or_default()
+            })),
+        );
 
         // Checks.
         s.push_str("\nSame-data check: ");
