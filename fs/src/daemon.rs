@@ -34,6 +34,34 @@ const WORKER_THREADS: usize = 4;
 /// kernel's overlay read 2.3; with 4 MiB (and the sequential hint on the lower file) 1.8.
 const READ_AHEAD_KB: u32 = 4096;
 
+/// Tells fuser where the set-user-ID mount helper is when we are unprivileged (setting
+/// `FUSERMOUNT_PATH`, unless the caller did): fuser otherwise finds it by running
+/// `fusermount3 -h`, one more exec of a set-user-ID program for every rootless mount. Same
+/// search order as fuser's (`fusermount3`, then `fusermount`, along `PATH`); when neither is
+/// found, fuser's own search runs as before.
+fn name_mount_helper() {
+    if nix::unistd::geteuid().is_root() || std::env::var_os("FUSERMOUNT_PATH").is_some() {
+        return;
+    }
+    let Some(path) = std::env::var_os("PATH") else {
+        return;
+    };
+    for name in ["fusermount3", "fusermount"] {
+        for dir in std::env::split_paths(&path) {
+            let helper = dir.join(name);
+            // fuser insists on UTF-8 here, and the daemon changes to "/" before mounting.
+            let usable = helper.is_absolute() && helper.to_str().is_some();
+            let runnable = usable
+                && helper.is_file()
+                && nix::unistd::access(&helper, nix::unistd::AccessFlags::X_OK).is_ok();
+            if runnable {
+                std::env::set_var("FUSERMOUNT_PATH", helper);
+                return;
+            }
+        }
+    }
+}
+
 /// Prints one error line and returns the failure exit code.
 pub fn fail(e: &dyn Display) -> ExitCode {
     eprintln!("stratafs: {e}");
@@ -66,6 +94,8 @@ pub fn run(mut cfg: MountConfig) -> ExitCode {
             )
             .init();
     }
+    // While the process is single-threaded, so that the environment may be changed.
+    name_mount_helper();
     if cfg.foreground {
         return match serve(&cfg, stack, None) {
             Ok(()) => ExitCode::SUCCESS,
