@@ -155,7 +155,6 @@ impl StrataFuse {
     /// Wraps an overlay; `max_write` is the `max_write=` option, if given; `passthrough`
     /// says whether to hand open upper files to the kernel (granted to root only).
     pub fn new(ov: Arc<Overlay>, max_write: Option<u32>, passthrough: bool) -> StrataFuse {
-        ov.start_lookahead();
         StrataFuse {
             ttl: Ttls::for_overlay(&ov),
             ov,
