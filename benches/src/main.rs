@@ -150,7 +150,7 @@ fn run(args: Args) -> Result<ExitCode> {
         "losetup",
         "mkfs.ext4",
     ] {
-        if which(tool).is_none() {
+        if sys::which(tool).is_none() {
             bail!("{tool} not found on PATH (apt-get install -y fio tar util-linux e2fsprogs)");
         }
     }
@@ -333,13 +333,5 @@ fn run(args: Args) -> Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(tool))
-            .find(|c| c.is_file())
     })
 }

@@ -363,11 +363,7 @@ fn warm_program(p: &Path) {
     let found = if p.components().count() > 1 {
         Some(p.to_path_buf())
     } else {
-        std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|d| d.join(p))
-                .find(|c| c.is_file())
-        })
+        p.to_str().and_then(sys::which)
     };
     if let Some(Ok(mut f)) = found.map(fs::File::open) {
         let _ = std::io::copy(&mut f, &mut std::io::sink());

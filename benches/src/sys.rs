@@ -43,6 +43,15 @@ pub fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
+/// The first file named `tool` in a directory of `PATH`.
+pub fn which(tool: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(tool))
+            .find(|c| c.is_file())
+    })
+}
+
 /// Waits for `child` at most `limit`; kills it (SIGKILL) when the deadline passes or a
 /// termination signal arrives. Returns the exit status, or an error naming `what`.
 pub fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> Result<ExitStatus> {
