@@ -304,25 +304,20 @@ pub fn serve_fd(ov: Arc<Overlay>, fd: OwnedFd) -> std::io::Result<()> {
 /// "ok" on the notify pipe.
 fn announce_ready(mnt: &Path, notify: Option<File>) {
     let answered = nix::sys::statvfs::statvfs(mnt);
-    let Some(mut notify) = notify else {
-        if answered.is_ok() {
-            widen_read_ahead(mnt);
-        }
-        return;
-    };
-    match answered {
-        Ok(_) => {
-            detach_stdio();
-            let _ = notify.write_all(b"ok\n");
-            // After the word, not before: the window only makes reads faster, and the mount
-            // command should not wait for a sysfs write (a tenth of its 2 ms here).
-            widen_read_ahead(mnt);
-        }
-        Err(e) => {
+    if let Some(mut notify) = notify {
+        if let Err(e) = answered {
             let msg = format!("mount on {} does not answer: {e}\n", mnt.display());
             let _ = notify.write_all(msg.as_bytes());
             let _ = unmount(mnt);
+            return;
         }
+        detach_stdio();
+        let _ = notify.write_all(b"ok\n");
+    }
+    // After the word, not before: the window only makes reads faster, and the mount
+    // command should not wait for a sysfs write (a tenth of its 2 ms here).
+    if answered.is_ok() {
+        widen_read_ahead(mnt);
     }
 }
 
