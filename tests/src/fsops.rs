@@ -382,8 +382,68 @@ pub fn open_raw(path: &Path, flags: i32) -> io::Result<()> {
     }
 }
 
-/// Writes `v` to `/proc/sys/vm/drop_caches` (2 = dentries and inodes), after `sync`.
+/// Whether every page of file `path` is in the page cache (`mincore` on a mapping, which,
+/// unlike a read, brings nothing in).
+pub fn page_cached(path: &Path) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(path)?;
+    let len = f.metadata()?.len() as usize;
+    if len == 0 {
+        return Ok(true);
+    }
+    // SAFETY: a private read-only mapping of our own descriptor, unmapped below; nothing
+    // reads through it.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let page = 4096;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `vec` has one byte per page of the mapping.
+    let r = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
+    let err = io::Error::last_os_error();
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(map, len) };
+    if r != 0 {
+        return Err(err);
+    }
+    Ok(vec.iter().all(|&b| b & 1 == 1))
+}
+
+/// Held by a test that looks at what the page cache holds, so that no other test of its
+/// binary drops the caches meanwhile (see [`hold_page_cache`]).
+static PAGE_CACHE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Keeps the other tests of this binary from dropping the caches while the guard lives.
+pub fn hold_page_cache() -> std::sync::MutexGuard<'static, ()> {
+    PAGE_CACHE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes file `path`'s pages out of the page cache (written back first).
+pub fn evict(path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(path)?;
+    f.sync_data()?;
+    // SAFETY: an advice on our own descriptor.
+    match unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Writes `v` to `/proc/sys/vm/drop_caches` (2 = dentries and inodes), after `sync`; waits
+/// while another test holds the page cache ([`hold_page_cache`]).
 pub fn drop_caches(v: u8) {
+    let _held = hold_page_cache();
     unsafe { libc::sync() };
     fs::write("/proc/sys/vm/drop_caches", format!("{v}\n")).expect("write drop_caches (root?)");
 }

@@ -12,7 +12,9 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use strata_tests::fsops::{drop_caches, read_dir_raw, DirStream};
+use strata_tests::fsops::{
+    drop_caches, evict, hold_page_cache, page_cached, read_dir_raw, DirStream,
+};
 use strata_tests::mount::signal;
 use strata_tests::writes::*;
 use strata_tests::*;
@@ -435,6 +437,78 @@ fn small_lower_files_are_read_without_read_requests() {
     let end = stat_line(&stats, "unmount", 1);
     assert_eq!(count(&end, "notify_store"), 40);
     assert!(count(&end, "read") > 0, "the big file is read with READs");
+}
+
+/// A program that reads a directory's small lower files one by one (tar, cp -r) finds them
+/// in the page cache after the first cold one: stratafs then asks the disk for the
+/// directory's other files at once, and, while small files are being read, for the files
+/// of every directory listed. A program that only lists and stats reads nothing ahead.
+#[test]
+fn small_lower_files_are_read_ahead_for_readers_only() {
+    let sc = Scratch::new();
+    let lower = sc.layer("lower");
+    let names = |dir: &'static str| (0..30).map(move |i| format!("{dir}/f{i:02}"));
+    for (k, dir) in ["stat", "read", "listed"].into_iter().enumerate() {
+        for (i, n) in names(dir).enumerate() {
+            lower.file(n, pattern(8192 + i * 512, (k * 100 + i) as u64));
+        }
+    }
+    let (up, work, mnt) = (sc.mkdir("upper"), sc.mkdir("work"), sc.mkdir("mnt"));
+    let _g = Strata::new(&[lower.root()]).upper(&up, &work).mount(&mnt);
+    let cached = |dir| {
+        names(dir)
+            .filter(|n| page_cached(&lower.path(n)).unwrap())
+            .count()
+    };
+    let _held = hold_page_cache();
+    for dir in ["stat", "read", "listed"] {
+        for n in names(dir) {
+            evict(&lower.path(n)).unwrap();
+        }
+    }
+    assert_eq!(
+        cached("stat") + cached("read") + cached("listed"),
+        0,
+        "the layer is cold"
+    );
+    fs::read_dir(mnt.join("stat")).unwrap().for_each(drop);
+    for n in names("stat") {
+        fs::metadata(mnt.join(n)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        cached("stat"),
+        0,
+        "files read ahead for a program that only stats"
+    );
+
+    // The first opens wait for the disk (more than a page cache read's 60 µs).
+    for n in names("read").take(3) {
+        assert_eq!(
+            fs::read(mnt.join(&n)).unwrap(),
+            fs::read(lower.path(&n)).unwrap()
+        );
+    }
+    let all = wait_for(Duration::from_secs(10), || cached("read") == 30);
+    assert!(
+        all,
+        "read/ read ahead: {} of 30 files cached",
+        cached("read")
+    );
+    assert_eq!(cached("listed"), 0);
+    fs::read_dir(mnt.join("listed")).unwrap().for_each(drop);
+    let all = wait_for(Duration::from_secs(10), || cached("listed") == 30);
+    assert!(
+        all,
+        "listed/ read ahead: {} of 30 files cached",
+        cached("listed")
+    );
+    for n in names("read").chain(names("listed")) {
+        assert_eq!(
+            fs::read(mnt.join(&n)).unwrap(),
+            fs::read(lower.path(&n)).unwrap()
+        );
+    }
 }
 
 /// Whatever changes a small lower file after its contents went to the kernel with an open

@@ -8,6 +8,7 @@
 mod copyup;
 mod lookahead;
 mod prefill;
+mod readahead;
 mod write;
 
 pub use write::{Creator, SetAttr, SetTime};
@@ -115,6 +116,8 @@ pub struct Overlay {
     open_listings: parking_lot::Mutex<lru::LruCache<u64, KeptListing>>,
     /// Resolves names of a listing ahead of the lookups that follow it.
     lookahead: lookahead::Lookahead,
+    /// Reads a directory's lower files ahead of their opens.
+    readahead: readahead::Readahead,
     upper: Option<Upper>,
     read_only: bool,
     ids: IdMaps,
@@ -193,6 +196,7 @@ impl Overlay {
             handles: HandleTable::default(),
             open_listings: parking_lot::Mutex::new(lru::LruCache::new(OPEN_LISTINGS)),
             lookahead: lookahead::Lookahead::default(),
+            readahead: readahead::Readahead::default(),
             upper,
             read_only: opts.read_only,
             hides_override,
@@ -891,6 +895,12 @@ impl Overlay {
             kind: libc::S_IFDIR,
             off: 0,
         });
+        let upper = self.stack.upper();
+        self.readahead.listing(
+            dirs.iter()
+                .filter(|dl| Some(dl.layer) != upper)
+                .map(|dl| (dl.layer, dl.path_in_layer(&loc.path))),
+        );
         let merged = dirmerge::merge(
             dirs,
             |dl| {

@@ -21,9 +21,11 @@
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
+use super::readahead::COLD_READ;
 use super::Overlay;
-use crate::inode::Node;
+use crate::inode::{split_path, Node};
 use crate::sys;
 
 /// The largest file stored at open: the first READ the kernel sends for a file asks for
@@ -75,7 +77,19 @@ impl Overlay {
             return;
         }
         let mut buf = vec![0u8; size as usize];
+        let started = Instant::now();
         if file.read_exact_at(&mut buf, 0).is_ok() {
+            if started.elapsed() >= COLD_READ {
+                let loc = node.loc.read();
+                let (layer, path) = match loc.data() {
+                    Some(d) => (d.layer, &d.path[..]),
+                    None => (loc.layer, loc.real_path()),
+                };
+                let (dir, name) = split_path(path);
+                self.readahead.cold(layer, dir, name);
+            } else {
+                self.readahead.warm();
+            }
             (store.0)(node.ino, &buf);
         }
     }
