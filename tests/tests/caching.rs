@@ -437,6 +437,26 @@ fn small_lower_files_are_read_without_read_requests() {
     let end = stat_line(&stats, "unmount", 1);
     assert_eq!(count(&end, "notify_store"), 40);
     assert!(count(&end, "read") > 0, "the big file is read with READs");
+
+    // Without an upper layer, the top layer is a lower one too.
+    let ro_stats = sc.join("ro-stats");
+    let mut g = Strata::new(&[lower.root()])
+        .env("STRATAFS_STATS", &ro_stats)
+        .mount(&mnt);
+    for i in 0..40 {
+        assert_eq!(
+            fs::read(mnt.join(name(i))).unwrap(),
+            fs::read(lower.path(name(i))).unwrap()
+        );
+    }
+    g.unmount().unwrap();
+    let end = stat_line(&ro_stats, "unmount", 1);
+    assert_eq!(
+        count(&end, "notify_store"),
+        40,
+        "stored at open without an upper layer"
+    );
+    assert_eq!(count(&end, "read"), 0, "READs without an upper layer");
 }
 
 /// A program that reads a directory's small lower files one by one (tar, cp -r) finds them

@@ -65,7 +65,7 @@ impl Overlay {
         }
         let _copy = node.copy_lock.lock();
         if node.prefill_considered.swap(true, Ordering::Relaxed)
-            || node.loc.read().data_layer() == 0
+            || Some(node.loc.read().data_layer()) == self.stack.upper()
         {
             return;
         }
