@@ -272,9 +272,9 @@ fn serve(cfg: &MountConfig, stack: LayerStack, notify: Option<&mut File>) -> Res
             .name("ready".into())
             .spawn(move || {
                 announce_ready(&mnt, ready_fd);
-                // Its threads are only help for cold walks: starting them after the word
+                // Its threads are only help for cold layers: starting them after the word
                 // keeps their cost (a sixth of a millisecond) out of the mount command.
-                ov.start_lookahead();
+                ov.start_helpers();
             })
             .map_err(|e| format!("cannot start readiness thread: {e}"))?;
     }
@@ -296,7 +296,7 @@ pub fn serve_fd(ov: Arc<Overlay>, fd: OwnedFd) -> std::io::Result<()> {
     let fs = StrataFuse::new(ov.clone(), None, true).with_stats(stats.clone());
     let session = Session::from_fd(fs, fd, SessionACL::All, config)?;
     connect_invalidations(&ov, session.notifier(), stats);
-    ov.start_lookahead();
+    ov.start_helpers();
     session.run()
 }
 

@@ -259,7 +259,15 @@ impl Location {
 
     /// The layer that reads of the object's data go to.
     pub fn data_layer(&self) -> u16 {
-        self.data().map_or(self.layer, |d| d.layer)
+        self.data_at().0
+    }
+
+    /// The layer that reads of the object's data go to, and the data's path in it.
+    pub fn data_at(&self) -> (u16, &[u8]) {
+        match self.data() {
+            Some(d) => (d.layer, &d.path),
+            None => (self.layer, self.real_path()),
+        }
     }
 
     /// Whether more than one layer contributes to this directory.

@@ -333,10 +333,9 @@ impl Lookahead {
 }
 
 impl Overlay {
-    /// Starts the lookahead's threads (see the module notes), and the readahead's for file
-    /// contents. Without them, lookups and opens work the same, only without help.
-    pub fn start_lookahead(self: &Arc<Self>) {
-        self.start_readahead();
+    /// Starts the lookahead's threads (see the module notes). Without them, lookups work the
+    /// same, only without help.
+    pub(super) fn start_lookahead(self: &Arc<Self>) {
         if self.lookahead.shared.running.swap(true, Ordering::AcqRel) {
             return;
         }

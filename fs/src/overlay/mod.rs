@@ -738,6 +738,13 @@ impl Overlay {
         }
     }
 
+    /// Starts the threads that work ahead of requests: the lookahead for lookups and the
+    /// readahead for opens. Without them, every request is answered the same, only slower.
+    pub fn start_helpers(self: &Arc<Self>) {
+        self.start_lookahead();
+        self.start_readahead();
+    }
+
     /// Opens file `ino`; returns the handle number. Opening for writing copies the file up.
     pub fn open(&self, ino: u64, flags: i32) -> OvlResult<u64> {
         let node = self.node(ino)?;

@@ -81,10 +81,7 @@ impl Overlay {
         if file.read_exact_at(&mut buf, 0).is_ok() {
             if started.elapsed() >= COLD_READ {
                 let loc = node.loc.read();
-                let (layer, path) = match loc.data() {
-                    Some(d) => (d.layer, &d.path[..]),
-                    None => (loc.layer, loc.real_path()),
-                };
+                let (layer, path) = loc.data_at();
                 let (dir, name) = split_path(path);
                 self.readahead.cold(layer, dir, name);
             } else {
