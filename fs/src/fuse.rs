@@ -679,8 +679,8 @@ impl Filesystem for StrataFuse {
             // Exactly what a lookup of the name answers now, with one lookup reference
             // counted: the kernel takes one for every entry it receives (and forgets it
             // like any other).
-            let a = match self.ov.lookup_listed(ino.0, &entries, i) {
-                Ok(a) => a,
+            let listed = match self.ov.lookup_listed(ino.0, &entries, i, offset == 0) {
+                Ok(l) => l,
                 // Gone since the listing was made: lookup and listing agree that it is.
                 Err(libc::ENOENT) => continue,
                 // The lookup fails: so does the listing, at this entry (a later request
@@ -692,12 +692,13 @@ impl Filesystem for StrataFuse {
                     return reply.error(errno(err));
                 }
             };
+            let a = &listed.attr;
             if reply.add(
                 INodeNo(a.st.st_ino),
                 next,
                 name,
                 &self.ttl.entry,
-                &file_attr(&a),
+                &file_attr(a),
                 Generation(0),
             ) {
                 // It did not fit, so the kernel never sees it: give the reference back.
@@ -705,6 +706,9 @@ impl Filesystem for StrataFuse {
                 break;
             }
             added = true;
+            if listed.last {
+                break;
+            }
         }
         self.ov.listed_reply_made(ino.0);
         reply.ok();

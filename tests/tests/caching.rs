@@ -459,6 +459,102 @@ fn small_lower_files_are_read_without_read_requests() {
     assert_eq!(count(&end, "read"), 0, "READs without an upper layer");
 }
 
+/// A cold listing of a big directory reads names, not the layers' inodes: the kernel asks
+/// for a listing's first block with attributes whoever reads it, and stratafs ends that reply
+/// at its first entry that had to wait for the disk. A reader that stats the names as it
+/// reads them still gets them with their attributes, not by a lookup each; and every name
+/// and attribute is the merged one.
+#[test]
+fn a_cold_big_listing_reads_attributes_only_for_readers_that_stat() {
+    let sc = Scratch::new();
+    let (top, low) = (sc.layer("top"), sc.layer("low"));
+    let name = |i: usize| format!("f{i:05}");
+    for i in 0..3000 {
+        low.file(format!("big/{}", name(i)), format!("{i}\n"));
+    }
+    for i in (0..3000).step_by(5) {
+        top.file(format!("big/{}", name(i)), "top\n");
+    }
+    let size = |n: &str| -> u64 {
+        let i: usize = n[1..].parse().unwrap();
+        if i % 5 == 0 {
+            4
+        } else {
+            format!("{i}\n").len() as u64
+        }
+    };
+    let (up, work, mnt) = (sc.mkdir("upper"), sc.mkdir("work"), sc.mkdir("mnt"));
+    let stats = sc.join("stats");
+    let mut g = Strata::new(&[top.root(), low.root()])
+        .upper(&up, &work)
+        .env("STRATAFS_STATS", &stats)
+        .mount(&mnt);
+    let big = mnt.join("big");
+    fs::metadata(&big).unwrap();
+    let mut dumps = 0;
+    let mut dump = || {
+        dumps += 1;
+        signal(g.daemon_pid(), libc::SIGUSR1);
+        stat_line(&stats, "SIGUSR1", dumps)
+    };
+
+    // Names first, then a stat of each (ls -l, find): the names come with one entry's
+    // attributes at most; the stats look the others up.
+    drop_caches(3);
+    let start = dump();
+    let mut names: Vec<String> = fs::read_dir(&big)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let listed = dump();
+    names.sort();
+    assert_eq!(names, (0..3000).map(name).collect::<Vec<_>>());
+    for n in &names {
+        assert_eq!(
+            fs::symlink_metadata(big.join(n)).unwrap().len(),
+            size(n),
+            "{n}"
+        );
+    }
+    let statted = dump();
+    let d = |a: &[(String, u64)], b: &[(String, u64)], key| count(b, key) - count(a, key);
+    assert_eq!(
+        d(&start, &listed, "readdirplus"),
+        1,
+        "one block asked with attributes"
+    );
+    let lookups = d(&listed, &statted, "lookup");
+    // Without the early end, the first reply carried some 200 entries' attributes.
+    assert!(
+        (2900..=3000).contains(&lookups),
+        "{lookups} lookups after a names-only listing of 3000"
+    );
+
+    // A stat of each name as it is read (readdir + stat in one pass): after the first
+    // reply, the kernel asks for attributes with the names, and looks nothing up.
+    drop_caches(3);
+    let mut seen = 0;
+    for e in fs::read_dir(&big).unwrap() {
+        let e = e.unwrap();
+        let n = e.file_name().into_string().unwrap();
+        assert_eq!(
+            fs::symlink_metadata(e.path()).unwrap().len(),
+            size(&n),
+            "{n}"
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, 3000);
+    let end = dump();
+    assert!(
+        d(&statted, &end, "readdirplus") > 1,
+        "later blocks with attributes"
+    );
+    let lookups = d(&statted, &end, "lookup");
+    assert!(lookups < 50, "{lookups} lookups while stating as read");
+    g.unmount().unwrap();
+}
+
 /// A program that reads a directory's small lower files one by one (tar, cp -r) finds them
 /// in the page cache after the first cold one: stratafs then asks the disk for the
 /// directory's other files at once, and, while small files are being read, for the files

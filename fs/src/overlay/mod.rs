@@ -11,6 +11,7 @@ mod prefill;
 mod readahead;
 mod write;
 
+pub use lookahead::Listed;
 pub use write::{Creator, SetAttr, SetTime};
 
 use std::ffi::{CStr, OsStr};
