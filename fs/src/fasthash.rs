@@ -1,10 +1,35 @@
-//! One fast hasher for the daemon's own tables (inode numbers, names in a listing).
+//! The daemon's own tables: one fast hasher for them (inode numbers, names in a listing), and
+//! concurrent tables sized for this machine.
 //!
 //! SipHash, std's default, resists keys chosen to collide; these keys come from the layers'
 //! filesystems, and hashing them sits on the request path (every lookup) and in every
 //! listing (every name of every layer).
 
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::OnceLock;
+
+use dashmap::DashMap;
+
+/// A concurrent table (open handles, inodes with open files), with four shards per CPU this
+/// process may run on. dashmap's own default asks `available_parallelism`, which reads the
+/// cgroup's CPU quota files: some 50 µs of every mount command, for a number that only
+/// spreads lock contention.
+pub fn table<K: Eq + Hash, V>() -> DashMap<K, V> {
+    static SHARDS: OnceLock<usize> = OnceLock::new();
+    let shards = *SHARDS.get_or_init(|| {
+        // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills it.
+        let cpus = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+                libc::CPU_COUNT(&set) as usize
+            } else {
+                1
+            }
+        };
+        (cpus.max(1) * 4).next_power_of_two()
+    });
+    DashMap::with_shard_amount(shards)
+}
 
 /// Builds [`FoldHasher`]s, for `HashSet`/`HashMap`.
 pub type BuildFoldHasher = BuildHasherDefault<FoldHasher>;

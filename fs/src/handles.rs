@@ -49,10 +49,19 @@ pub struct DirHandle {
 pub type KeptListing = (u64, Arc<[DirEntry]>);
 
 /// All open handles, by number.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HandleTable {
     next: AtomicU64,
     map: DashMap<u64, Arc<Handle>>,
+}
+
+impl Default for HandleTable {
+    fn default() -> HandleTable {
+        HandleTable {
+            next: AtomicU64::new(0),
+            map: crate::fasthash::table(),
+        }
+    }
 }
 
 impl HandleTable {

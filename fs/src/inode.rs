@@ -21,11 +21,21 @@ const LOW_MASK: u64 = (1 << SLOT_SHIFT) - 1;
 const OVERFLOW_BASE: u64 = 0xFFFF << SLOT_SHIFT;
 
 /// Maps real identities to our inode numbers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct InoMapper {
     slots: RwLock<Vec<u64>>,
     overflow: DashMap<(u64, u64), u64>,
     next_overflow: AtomicU64,
+}
+
+impl Default for InoMapper {
+    fn default() -> InoMapper {
+        InoMapper {
+            slots: RwLock::default(),
+            overflow: crate::fasthash::table(),
+            next_overflow: AtomicU64::new(0),
+        }
+    }
 }
 
 impl InoMapper {

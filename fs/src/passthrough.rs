@@ -59,7 +59,7 @@ impl IoModes {
     pub fn new(enabled: bool) -> IoModes {
         IoModes {
             enabled: AtomicBool::new(enabled),
-            inodes: DashMap::new(),
+            inodes: crate::fasthash::table(),
         }
     }
 
