@@ -32,10 +32,9 @@ pub fn detect(root: BorrowedFd<'_>) -> Option<&'static CStr> {
     // One listing instead of a read per name: each costs a walk of `/proc/self/fd`, and
     // every mount asks this of every layer.
     let names = sys::list_xattr(root).ok()?;
-    let present = |x: &CStr| names.split(|&b| b == 0).any(|n| n == x.to_bytes());
     [PRIVILEGED, CONTAINERS, USER]
         .into_iter()
-        .find(|x| present(x))
+        .find(|x| sys::xattr_listed(&names, x))
 }
 
 /// Whether an xattr name is one of the override names (never shown through the mount).

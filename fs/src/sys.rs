@@ -375,6 +375,11 @@ pub fn list_xattr(fd: BorrowedFd<'_>) -> SysResult<Vec<u8>> {
     list_xattr_at(fd, c"")
 }
 
+/// Whether `name` is among `names`, a list as [`list_xattr`] returns it.
+pub fn xattr_listed(names: &[u8], name: &CStr) -> bool {
+    names.split(|&b| b == 0).any(|n| n == name.to_bytes())
+}
+
 fn check(r: libc::c_int) -> SysResult<()> {
     if r < 0 {
         Err(last_errno())

@@ -121,7 +121,7 @@ pub fn dir_marks(dir: BorrowedFd<'_>) -> DirMarks {
     // One listxattr answers "no overlay xattrs here" for almost every directory.
     if let Ok(names) = sys::list_xattr(dir) {
         for name in OPAQUE_XATTRS {
-            if names.split(|&b| b == 0).any(|n| n == name.to_bytes()) {
+            if sys::xattr_listed(&names, name) {
                 if let Ok(v) = sys::get_xattr(dir, name) {
                     match v.first() {
                         Some(b'y') => marks.opaque = true,
